@@ -1,0 +1,1 @@
+"""overlay-vici: IPsec for Calico IPIP pod traffic, driven through strongSwan's VICI."""

@@ -1,0 +1,188 @@
+"""The keyring: the contract between the master (writer) and the agents (readers).
+
+It is a small JSON document. Each *generation* holds a 256-bit root key; exactly one
+generation is *sent* (used to build AUTH payloads), the others are only *accepted*
+(tried when verifying). The per-pair PSK is derived, never stored, so the Secret grows
+with the number of nodes, not with its square.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+FORMAT_VERSION = 1
+KEY_BYTES = 32
+# Larger than any keyring for 5,000 nodes, far below what a hostile file could be.
+MAX_KEYRING_BYTES = 1024 * 1024
+_HKDF_SALT = b"overlay-vici/psk/v1"
+# A Kubernetes node name is a DNS-1123 subdomain.
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class KeyringError(ValueError):
+    """The keyring cannot be used; the message is one sentence that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: int
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    ip: str
+
+
+@dataclass(frozen=True)
+class Keyring:
+    serial: int
+    sent: int
+    generations: tuple[Generation, ...]
+    peers: tuple[Peer, ...]
+
+    def generation(self, gen_id: int) -> Generation:
+        return next(g for g in self.generations if g.id == gen_id)
+
+    @property
+    def accepted(self) -> tuple[int, ...]:
+        """Generations only accepted for verification, never sent."""
+        return tuple(g.id for g in self.generations if g.id != self.sent)
+
+    def peer(self, name: str) -> Peer | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+
+def new_generation_key() -> bytes:
+    """A fresh root key from the operating system's CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def pair_psk(generation: Generation, ip_a: str, ip_b: str) -> bytes:
+    """The PSK of one node pair: both ends derive the same key whatever their order."""
+    low, high = sorted((ipaddress.ip_address(ip_a), ipaddress.ip_address(ip_b)))
+    info = f"{low}|{high}|{generation.id}".encode()
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_HKDF_SALT, info=info)
+    return hkdf.derive(generation.key)
+
+
+def dumps(keyring: Keyring) -> str:
+    """Serialise canonically, so that equal keyrings give equal bytes."""
+    doc = {
+        "version": FORMAT_VERSION,
+        "serial": keyring.serial,
+        "sent": keyring.sent,
+        "generations": [
+            {"id": g.id, "key": base64.b64encode(g.key).decode()} for g in keyring.generations
+        ],
+        "peers": [{"name": p.name, "ip": p.ip} for p in keyring.peers],
+    }
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def loads(data: bytes | str) -> Keyring:
+    """Parse and validate strictly; any defect raises KeyringError with one sentence."""
+    if len(data) > MAX_KEYRING_BYTES:
+        raise KeyringError(
+            f"keyring is {len(data)} bytes, over the {MAX_KEYRING_BYTES}-byte limit; "
+            "republish the Secret from the master"
+        )
+    if not data.strip():
+        raise KeyringError("keyring is empty; wait for the master to publish the Secret")
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KeyringError(
+            f"keyring is not valid JSON ({exc}); the file is truncated or corrupt, "
+            "republish the Secret from the master"
+        ) from None
+    if not isinstance(doc, dict):
+        raise KeyringError("keyring must be a JSON object; republish the Secret from the master")
+    version = doc.get("version")
+    if version != FORMAT_VERSION:
+        raise KeyringError(
+            f"keyring format version {version!r} is not supported (expected {FORMAT_VERSION}); "
+            "run agent and master of the same release"
+        )
+    serial = _integer(doc, "serial")
+    generations = _generations(doc.get("generations"))
+    sent = _integer(doc, "sent")
+    if sent not in {g.id for g in generations}:
+        raise KeyringError(f"sent generation {sent} is not among the keyring's generations")
+    return Keyring(serial, sent, generations, _peers(doc.get("peers")))
+
+
+def _integer(doc: dict[str, Any], name: str) -> int:
+    value = doc.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise KeyringError(f"keyring field {name!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _generations(raw: Any) -> tuple[Generation, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise KeyringError("keyring must list at least one key generation")
+    result: list[Generation] = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise KeyringError("every key generation must be an object with 'id' and 'key'")
+        gen_id = _integer(item, "id")
+        try:
+            key = base64.b64decode(item.get("key", ""), validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise KeyringError(f"key of generation {gen_id} is not valid base64") from None
+        if len(key) != KEY_BYTES:
+            raise KeyringError(
+                f"key of generation {gen_id} is {len(key)} bytes, expected {KEY_BYTES}"
+            )
+        result.append(Generation(gen_id, key))
+    _unique([g.id for g in result], "generation id")
+    return tuple(result)
+
+
+def _peers(raw: Any) -> tuple[Peer, ...]:
+    if not isinstance(raw, list):
+        raise KeyringError("keyring field 'peers' must be a list of {name, ip} objects")
+    result: list[Peer] = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise KeyringError("every peer must be an object with 'name' and 'ip'")
+        name, ip = item.get("name"), item.get("ip")
+        if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.match(name):
+            raise KeyringError(f"peer name {name!r} is not a valid Kubernetes node name")
+        try:
+            address = ipaddress.ip_address(ip)  # type: ignore[arg-type]
+        except ValueError:
+            raise KeyringError(f"peer {name} has an invalid IP address {ip!r}") from None
+        if address.version != 4:
+            raise KeyringError(f"peer {name} has IPv6 address {ip}; IPIP is IPv4 only")
+        result.append(Peer(name, str(address)))
+    _unique([p.name for p in result], "peer name")
+    _unique([p.ip for p in result], "peer IP")
+    return tuple(result)
+
+
+def _unique(values: list[Any], what: str) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise KeyringError(f"duplicate {what} {value} in keyring")
+        seen.add(value)
+
+
+def create(peers: list[Peer], serial: int = 1, generation_id: int = 1) -> Keyring:
+    """A keyring with one fresh generation, sent: the start of a mesh."""
+    return Keyring(
+        serial, generation_id, (Generation(generation_id, new_generation_key()),), tuple(peers)
+    )

@@ -1,0 +1,128 @@
+"""Render what charon is told from the keyring, through operator-overridable templates.
+
+Pure: no I/O beyond reading templates. The agent and the `render` command share this,
+so what an operator previews is exactly what the agent loads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from overlay_vici.keyring import Keyring, Peer, pair_psk
+
+BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "swanctl"
+CONN_PREFIX = "ov-"
+_DURATION = re.compile(r"^\d+[smhd]?$")
+_PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message says which and what form it needs."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs an operator may turn; defaults follow the project's security baseline."""
+
+    ike_proposals: str = "aes128gcm16-prfsha256-x25519"
+    esp_proposals: str = "aes128gcm16-x25519"
+    ike_rekey_time: str = "4h"
+    child_rekey_time: str = "1h"
+    reauth_time: str = "0"
+    dpd_delay: str = "30s"
+
+    def __post_init__(self) -> None:
+        for name in ("ike_rekey_time", "child_rekey_time", "reauth_time", "dpd_delay"):
+            if not _DURATION.match(getattr(self, name)):
+                raise SettingsError(
+                    f"{name} {getattr(self, name)!r} is not a duration like 30s, 1h or 0"
+                )
+        for name in ("ike_proposals", "esp_proposals"):
+            if not _PROPOSAL.match(getattr(self, name)):
+                raise SettingsError(
+                    f"{name} {getattr(self, name)!r} is not a strongSwan proposal "
+                    "like aes128gcm16-x25519"
+                )
+
+
+SECRET_PREFIX = f"ike-{CONN_PREFIX}"  # swanctl takes a secret's type from its name prefix
+
+
+def conn_name(peer_name: str) -> str:
+    return f"{CONN_PREFIX}{peer_name}"
+
+
+def secret_id(peer_name: str, generation: int) -> str:
+    return f"{SECRET_PREFIX}{peer_name}-g{generation}"
+
+
+def is_owned_conn(name: str) -> bool:
+    """Only what the agent named is its to unload; an operator's own connections stay."""
+    return name.startswith(CONN_PREFIX)
+
+
+def is_owned_secret(key_id: str) -> bool:
+    return key_id.startswith(SECRET_PREFIX)
+
+
+def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
+    """Exact owners make a key the one charon sends; a peer-only key is merely accepted."""
+    return [node.ip, peer.ip] if sent else [peer.ip]
+
+
+def _environment(override_dir: Path | None) -> jinja2.Environment:
+    search = [str(override_dir)] if override_dir else []
+    search.append(str(BUILTIN_TEMPLATES))
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(search),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def local_node(keyring: Keyring, node_name: str) -> Peer:
+    node = keyring.peer(node_name)
+    if node is None:
+        raise LookupError(
+            f"node {node_name} is not in the keyring's peer list; check the agent's --node "
+            "or wait for the master to add this node"
+        )
+    return node
+
+
+def swanctl_conf(
+    keyring: Keyring, node_name: str, settings: Settings, templates: Path | None = None
+) -> str:
+    """The swanctl.conf for one node: a connection per peer and its per-pair keys."""
+    node = local_node(keyring, node_name)
+    peers = [
+        {
+            "name": peer.name,
+            "ip": peer.ip,
+            "conn": conn_name(peer.name),
+            "secrets": [
+                {
+                    "id": secret_id(peer.name, gen.id),
+                    "owners": owners(node, peer, gen.id == keyring.sent),
+                    "hex": pair_psk(gen, node.ip, peer.ip).hex(),
+                }
+                for gen in keyring.generations
+            ],
+        }
+        for peer in keyring.peers
+        if peer.name != node.name
+    ]
+    template = _environment(templates).get_template("swanctl.conf.j2")
+    return template.render(node=node, peers=peers, settings=settings)
+
+
+def strongswan_conf(
+    vici_socket: str, log_file: str | None = None, templates: Path | None = None
+) -> str:
+    template = _environment(templates).get_template("strongswan.conf.j2")
+    return template.render(vici_socket=vici_socket, log_file=log_file)

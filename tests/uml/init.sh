@@ -1,0 +1,51 @@
+#!/bin/bash
+# PID 1 of the UML guest started by scripts/uml-guest: prepare a minimal system, run the job
+# from $UML_GUEST_DIR/job, leave its exit code in $UML_GUEST_DIR/status and power off.
+# PID 1 must never exit (the kernel would panic), so every path ends in halt.
+set -u
+
+stop() {
+    sync # hostfs writes sit in the guest's page cache until synced
+    exec halt -f >/dev/null 2>&1
+}
+fail() {
+    echo "uml-guest init: $*" >&2
+    stop
+}
+
+exec </dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+stty -F /dev/console -onlcr # no CR before every LF in the host's copy of the output
+
+# Modules live in /usr/lib/uml/modules/<version>; modprobe only looks below <dir>/lib/modules.
+# The kernel itself asks for modules too (cryptomgr, gcm, ... when an AEAD SA is added),
+# so the same wrapper goes into /proc/sys/kernel/modprobe.
+release=$(uname -r)
+guest=/run/uml-guest
+mkdir -p "$guest/bin" "$guest/modules/lib/modules"
+ln -s "/usr/lib/uml/modules/$release" "$guest/modules/lib/modules/$release"
+printf '#!/bin/sh\nexec /sbin/modprobe -d %s "$@"\n' "$guest/modules" >"$guest/bin/modprobe"
+chmod +x "$guest/bin/modprobe"
+echo "$guest/bin/modprobe" >/proc/sys/kernel/modprobe
+"$guest/bin/modprobe" -a xfrm_user esp4 ipip gcm ctr ghash-generic seqiv veth bridge \
+    x_tables ip_tables iptable_filter iptable_raw xt_policy xt_comment ||
+    fail "loading kernel modules failed"
+ip link set lo up
+
+job=${UML_GUEST_DIR:-}
+[[ -r $job/job ]] || fail "no job file (UML_GUEST_DIR=$job)"
+workdir=
+command=()
+# shellcheck source=/dev/null
+source "$job/job"
+export PATH="$guest/bin:$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export OVERLAY_VICI_UML=1
+cd "$workdir" || fail "cannot cd to $workdir"
+"${command[@]}"
+echo $? >"$job/status"
+stop
