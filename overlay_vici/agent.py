@@ -10,16 +10,23 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
 from overlay_vici import log
-from overlay_vici.charon import Charon, CharonCommandError, CharonUnavailable, IkeSa
-from overlay_vici.files import SecretWatcher, read_json, read_keyring, write_atomic, write_json
-from overlay_vici.keyring import Keyring, KeyringError
-from overlay_vici.plan import Command, digest, plan
+from overlay_vici.charon import Charon, CharonCommandError, CharonUnavailable
+from overlay_vici.files import (
+    SecretWatcher,
+    read_json,
+    read_keyring_bytes,
+    write_atomic,
+    write_json,
+)
+from overlay_vici.keyring import Keyring, KeyringError, loads
+from overlay_vici.plan import Command, Desired, plan
 from overlay_vici.render import (
     Settings,
     SettingsError,
@@ -28,10 +35,10 @@ from overlay_vici.render import (
     local_node,
     swanctl_conf,
 )
-from overlay_vici.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.sa_plan import IkeSa, Timing, plan_sas
+from overlay_vici.swanctl_conf import SwanctlSyntaxError, to_messages
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 15.0
-REAUTH_POLL = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,29 +57,36 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class Desired:
+class Accepted:
+    """The last good keyring, its raw bytes (for a cheap unchanged check) and its target."""
+
+    raw: bytes
     keyring: Keyring
-    messages: Messages
+    target: Desired
 
 
 class Agent:
     def __init__(self, config: AgentConfig, charon: Charon) -> None:
         self.config = config
         self.charon = charon
-        self.desired: Desired | None = None
+        self.desired: Accepted | None = None
         self.applied: Keyring | None = None
         self.last_error: str | None = None
         self.sent_since: float | None = None
         self.stale: list[IkeSa] = []
         self.sas: list[IkeSa] = []
         self._sent_digests: dict[str, str] = {}
-        self._charon_started: str | None = None
-        self._reauth_issued: set[str] = set()
+        self._charon_session = 0
+        self._reauth_issued: dict[str, float] = {}
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
         self._own_ip: IPv4Address | IPv6Address = ip_address("0.0.0.0")
-        self._reauth_delay = random.uniform(0, config.reauth_jitter)
+        self._timing = Timing(
+            reauth_delay=random.uniform(0, config.reauth_jitter),
+            reauth_grace=config.reauth_grace,
+            resync=config.resync_seconds,
+        )
         self._backoff = BACKOFF_MIN
         previous = read_json(config.status_path) if config.status_path else None
         self._previous_status = previous or {}
@@ -106,20 +120,25 @@ class Agent:
 
     def _refresh_desired(self) -> None:
         try:
-            keyring = read_keyring(self.config.secret_dir)
-            if self.desired is not None and keyring == self.desired.keyring:
+            raw = read_keyring_bytes(self.config.secret_dir)
+            if self.desired is not None and raw == self.desired.raw:
                 return
+            keyring = loads(raw)
             text = swanctl_conf(
                 keyring, self.config.node, self.config.settings, self.config.templates
             )
             messages = to_messages(text)
         except (KeyringError, LookupError, SettingsError, SwanctlSyntaxError) as exc:
-            kept = self.desired.keyring.serial if self.desired else None
-            self._fail("keyring rejected", f"{exc}; keeping keyring serial {kept}")
+            kept = (
+                f"keeping keyring serial {self.desired.keyring.serial}"
+                if self.desired
+                else "nothing loaded yet"
+            )
+            self._fail("keyring rejected", f"{exc}; {kept}")
             return
         if self.config.conf_out:
             write_atomic(self.config.conf_out, text, 0o600)
-        self.desired = Desired(keyring, messages)
+        self.desired = Accepted(raw, keyring, Desired.of(messages, self._initiated(keyring)))
         log.info(
             "keyring accepted",
             node=self.config.node,
@@ -129,18 +148,25 @@ class Agent:
             peers=len(keyring.peers) - 1,
         )
 
-    def _sync(self, desired: Desired) -> float:
-        started = self.charon.started()
-        if started != self._charon_started:
-            if self._charon_started is not None:
-                log.warning(
-                    "charon restarted, reloading everything", node=self.config.node, since=started
-                )
+    def _initiated(self, keyring: Keyring) -> frozenset[str]:
+        """Connections this node brings up as soon as they load: those to higher IPs.
+
+        SAs then exist before traffic needs them, and the two ends rarely both initiate.
+        """
+        own = ip_address(local_node(keyring, self.config.node).ip)
+        return frozenset(conn_name(p.name) for p in keyring.peers if ip_address(p.ip) > own)
+
+    def _sync(self, desired: Accepted) -> float:
+        loaded_conns = self.charon.loaded_conns()
+        if self.charon.sessions != self._charon_session:
+            # A new session may face a restarted charon: trust nothing sent before.
+            if self._charon_session:
+                log.warning("reconnected to charon, verifying everything", node=self.config.node)
             self._sent_digests.clear()
-            self._charon_started = started
+            self._charon_session = self.charon.sessions
         commands = plan(
-            desired.messages,
-            self.charon.loaded_conns(),
+            desired.target,
+            loaded_conns,
             self.charon.loaded_shared(),
             self._sent_digests,
         )
@@ -153,14 +179,16 @@ class Agent:
                 commands=len(commands),
                 failed=failures,
             )
-        if failures == 0:
+        if failures == 0 and desired.keyring is not self.applied:
             self._mark_applied(desired.keyring)
-        return self._reauthenticate()
+        return self._maintain_sas()
 
     def _send(self, command: Command) -> bool:
         try:
             self.charon.request(command.command, command.message)
         except CharonCommandError as exc:
+            if not command.must_succeed:
+                return True
             self._fail(
                 f"{command.command} failed",
                 f"charon refused {command.command} "
@@ -168,19 +196,20 @@ class Agent:
                 peer=command.subject,
             )
             return False
-        if command.command.startswith("unload"):
+        if command.command.startswith("load"):
+            self._sent_digests[command.subject] = command.digest or ""
+        elif command.command.startswith("unload"):
             self._sent_digests.pop(command.subject, None)
-        else:
-            self._sent_digests[command.subject] = digest(command.message)
         return True
 
     def _mark_applied(self, keyring: Keyring) -> None:
         """Note when the sent generation changed: IKE_SAs older than that are stale."""
         if self.applied is None:
             previous = self._previous_status
-            resumed = previous.get("sent_generation") == keyring.sent
-            self.sent_since = previous.get("sent_since") if resumed else None
-            self.sent_since = self.sent_since or time.time()
+            # SAs that predate this agent are current unless the record says the sent
+            # generation changed meanwhile: an agent restart must not renegotiate them.
+            changed = previous.get("sent_generation") not in (None, keyring.sent)
+            self.sent_since = time.time() if changed else previous.get("sent_since") or 0.0
         elif keyring.sent != self.applied.sent:
             self.sent_since = time.time()
             self._reauth_issued.clear()
@@ -189,47 +218,46 @@ class Agent:
         self._peer_ips = {conn_name(p.name): ip_address(p.ip) for p in keyring.peers}
         self._own_ip = ip_address(local_node(keyring, self.config.node).ip)
 
-    def _reauthenticate(self) -> float:
-        """Reauthenticate IKE_SAs older than the switch; return when to look again."""
+    def _maintain_sas(self) -> float:
+        """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
         self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
         if self.applied is None or self.sent_since is None:
             return self.config.resync_seconds
         now = time.time()
-        self.stale = [
-            sa
-            for sa in self.sas
-            if sa.state == "ESTABLISHED"
-            and sa.established_ago is not None
-            and now - sa.established_ago - 1 < self.sent_since
-        ]
-        wait = self.config.resync_seconds
-        for sa in self.stale:
-            due = self.sent_since + self._reauth_delay
-            if not self._initiates_reauth(sa.conn):
-                due += self.config.reauth_grace
-            if sa.unique_id in self._reauth_issued or now < due:
-                wait = min(wait, max(due - now, REAUTH_POLL))
-                continue
-            self._reauth_issued.add(sa.unique_id)
-            try:
-                self.charon.reauthenticate(sa.unique_id)
-                log.info(
-                    "reauthenticating",
-                    node=self.config.node,
-                    peer=sa.conn,
-                    ike_sa=sa.unique_id,
-                    sent=self.applied.sent,
-                )
-            except CharonCommandError as exc:
-                self._fail("reauthentication failed", f"{exc}; will retry", peer=sa.conn)
-                self._reauth_issued.discard(sa.unique_id)
-            wait = min(wait, REAUTH_POLL)
-        return wait
+        decided = plan_sas(
+            self.sas,
+            now,
+            self.sent_since,
+            self._own_ip,
+            self._peer_ips,
+            self._reauth_issued,
+            self._timing,
+        )
+        self.stale = decided.stale
+        for sa in decided.reauthenticate:
+            self._reauth_issued[sa.unique_id] = now
+            self._act(self.charon.reauthenticate, "reauthenticating", sa)
+        for sa in decided.terminate:
+            self._act(self.charon.terminate, "closing duplicate IKE_SA", sa)
+        return decided.wait
 
-    def _initiates_reauth(self, conn: str) -> bool:
-        """One end per pair, the lower node IP, so that two reauthentications do not cross."""
-        peer_ip = self._peer_ips.get(conn)
-        return peer_ip is None or self._own_ip < peer_ip
+    def _act(self, action: Callable[[str], None], event: str, sa: IkeSa) -> None:
+        try:
+            action(sa.unique_id)
+        except CharonCommandError as exc:
+            self._fail(
+                f"{event} failed",
+                f"{event} {sa.conn} #{sa.unique_id} failed: {exc}; will retry",
+                peer=sa.conn,
+            )
+            return
+        log.info(
+            event,
+            node=self.config.node,
+            peer=sa.conn,
+            ike_sa=sa.unique_id,
+            sent=self.applied.sent if self.applied else None,
+        )
 
     def _fail(self, event: str, message: str, **fields: Any) -> None:
         """Record for the status report; log once while the same error persists."""
@@ -256,8 +284,9 @@ class Agent:
             "peers_up": len(up),
             "ike_sas": len(self.sas),
             "stale_ike_sas": len(self.stale),
+            "stale_peers": sorted({sa.conn for sa in self.stale}),
             "reauthenticated": applied is not None and not self.stale,
-            "charon": {"connected": self.charon.connected, "started": self._charon_started},
+            "charon_connected": self.charon.connected,
             "vici_messages": self.charon.messages,
             "last_error": self.last_error,
         }

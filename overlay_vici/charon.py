@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import vici
 from vici.exception import CommandException, SessionException
+
+from overlay_vici.sa_plan import IkeSa
 
 
 class CharonUnavailable(ConnectionError):
@@ -22,15 +23,6 @@ class CharonCommandError(RuntimeError):
     """charon answered a request with success=no."""
 
 
-@dataclass(frozen=True)
-class IkeSa:
-    unique_id: str
-    conn: str
-    state: str
-    established_ago: int | None
-    children_installed: int
-
-
 class Charon:
     def __init__(self, uri: str, timeout: float = 30.0) -> None:
         if not uri.startswith("unix://"):
@@ -38,6 +30,8 @@ class Charon:
         self.path = uri.removeprefix("unix://")
         self.timeout = timeout
         self.messages = 0
+        # Bumped on every new session: a new session may face a new charon that forgot all.
+        self.sessions = 0
         self._session: vici.Session | None = None
 
     def connect(self) -> None:
@@ -52,6 +46,7 @@ class Charon:
                 "check that the charon container runs and shares the socket"
             ) from None
         self._session = vici.Session(sock)
+        self.sessions += 1
 
     def close(self) -> None:
         if self._session is not None:
@@ -93,11 +88,6 @@ class Charon:
         assert self._session is not None
         return self._session
 
-    def started(self) -> str:
-        """charon's start time: a change means charon restarted and forgot everything."""
-        uptime = self.request("stats").get("uptime", {})
-        return _text(uptime.get("since", b""))
-
     def loaded_conns(self) -> set[str]:
         return {_text(name) for name in self.request("get-conns").get("conns", [])}
 
@@ -120,12 +110,17 @@ class Charon:
                             for c in children.values()
                             if _text(c.get("state", b"")) == "INSTALLED"
                         ),
+                        initiator=_text(sa.get("initiator", b"")) == "yes",
                     )
                 )
         return result
 
     def reauthenticate(self, ike_unique_id: str) -> None:
         self.request("rekey", {"ike-id": ike_unique_id, "reauth": "yes"})
+
+    def terminate(self, ike_unique_id: str) -> None:
+        """Delete one IKE_SA; returns at once (timeout -1), charon completes it."""
+        self.request("terminate", {"ike-id": ike_unique_id, "timeout": "-1"})
 
 
 def _text(value: bytes | str) -> str:

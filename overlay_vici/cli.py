@@ -1,8 +1,11 @@
-"""overlay-vici command line: the agent, previews of what it loads, and the MTU helper."""
+"""overlay-vici command line: the agent, the master, previews of what the agent loads, and
+the MTU helper."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import signal
 import sys
 import threading
@@ -61,6 +64,43 @@ def _settings(args: argparse.Namespace) -> Settings:
         child_rekey_time=args.child_rekey_time,
         reauth_time=args.reauth_time,
         dpd_delay=args.dpd_delay,
+    )
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `24h` or `7d`."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 24h or 7d")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def _add_kube(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Kubernetes (ignored with --local)")
+    group.add_argument(
+        "--namespace", help="namespace of the Secret and Leases (default: the pod's, else default)"
+    )
+    group.add_argument(
+        "--secret", default="overlay-vici-keys", help="the keyring Secret (default %(default)s)"
+    )
+    group.add_argument(
+        "--kubeconfig", metavar="FILE", help="default: in-cluster, else ~/.kube/config"
+    )
+    group.add_argument("--server", metavar="URL", help=argparse.SUPPRESS)  # tests: a plain API URL
+
+
+def _add_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent-timeout",
+        type=duration,
+        default=90.0,
+        metavar="DURATION",
+        help="an agent silent this long is expired: reported, and not waited for "
+        "(default 90s, three default agent resyncs)",
     )
 
 
@@ -139,6 +179,88 @@ def build_parser() -> argparse.ArgumentParser:
         "MTU once wrapped in ESP (AES-GCM-128, transport mode).",
     )
     mtu.add_argument("external_mtu", type=int, metavar="EXTMTU")
+
+    master = commands.add_parser(
+        "master",
+        help="run the master: keep the keyring Secret and rotate its keys",
+        description="Watch the nodes, keep the keyring (keys, phase, peer list) in the Secret "
+        "and rotate the keys every --interval and on demand, each phase waiting for every "
+        "live agent. With --local, files in STATE stand in for the Kubernetes API.",
+    )
+    master.add_argument("--local", type=Path, metavar="STATE", help="local mode: state directory")
+    master.add_argument(
+        "--nodes", type=Path, metavar="FILE", help="local mode: YAML or JSON list of {name, ip}"
+    )
+    master.add_argument(
+        "--interval",
+        type=duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="time between rotations (default 24h; see the README for why)",
+    )
+    master.add_argument(
+        "--tick",
+        type=duration,
+        default=2.0,
+        metavar="DURATION",
+        help="how often to look at the agents' reports (default 2s)",
+    )
+    _add_policy(master)
+    _add_kube(master)
+    master.add_argument(
+        "--identity", help="this replica's name in the leader Lease (default: the host name)"
+    )
+    master.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="leader Lease duration: a failover takes up to this long (default %(default)s)",
+    )
+    master.add_argument(
+        "--opt-out-label",
+        default="overlay-vici.io/opt-out",
+        help='nodes with this label set to "true" are left out (default %(default)s)',
+    )
+    master.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    rotate = commands.add_parser(
+        "rotate", help="start a key rotation now", description="Ask the master to rotate now."
+    )
+    rotate.add_argument("--local", type=Path, metavar="STATE", help="local mode: state directory")
+    _add_kube(rotate)
+
+    status = commands.add_parser(
+        "status",
+        help="show the mesh: generations, rotation, and every node's agent",
+        description="Per node: generations loaded and their roles, SAs up versus expected, "
+        "last error and heartbeat age; and the mesh's active generation and rotation phase.",
+    )
+    status.add_argument("--local", type=Path, metavar="STATE", help="local mode: state directory")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    _add_policy(status)
+    _add_kube(status)
+
+    lease = commands.add_parser(
+        "report-lease",
+        help="copy an agent's status report into its Lease (its acknowledgement and heartbeat)",
+        description="Run beside the agent: copy its --status report into the Lease "
+        "overlay-vici-agent-NODE, which the master reads. Standard library only.",
+    )
+    lease.add_argument("--node", required=True, help="this node's name")
+    lease.add_argument("--status", required=True, type=Path, metavar="FILE", help="agent's report")
+    lease.add_argument("--namespace", help="default: the pod's namespace")
+    lease.add_argument(
+        "--heartbeat",
+        type=duration,
+        default=20.0,
+        metavar="DURATION",
+        help="renew at least this often while the agent reports (default 20s)",
+    )
+    lease.add_argument("--server", metavar="URL", help="API server (default: in-cluster)")
+    lease.add_argument("--token-file", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    lease.add_argument("--ca-file", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    lease.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return parser
 
 
@@ -146,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (SettingsError, KeyringError, LookupError, ValueError) as exc:
+    except (SettingsError, KeyringError, LookupError, ValueError, _edge_errors()) as exc:
         print(f"overlay-vici: {exc}", file=sys.stderr)
         return 2
 
@@ -157,6 +279,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "render":
         return _render(args)
+    if args.command == "master":
+        return _master(args)
+    if args.command == "rotate":
+        return _rotate(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "report-lease":
+        return _report_lease(args)
     return _agent(args)
 
 
@@ -194,4 +324,173 @@ def _agent(args: argparse.Namespace) -> int:
     log.info("agent starting", node=args.node, keys=str(args.keys), vici=args.vici)
     Agent(config, Charon(args.vici)).run(stop)
     log.info("agent stopped", node=args.node)
+    return 0
+
+
+def _edge_errors() -> type[Exception]:
+    """The edges' one-sentence errors, without importing `kubernetes` for other commands."""
+
+    class _Never(Exception):
+        pass
+
+    kube = sys.modules.get("overlay_vici.kube")
+    return kube.KubeError if kube else _Never
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    from overlay_vici.lease import in_cluster_namespace
+
+    return args.namespace or in_cluster_namespace() or "default"
+
+
+def _kube_store(args: argparse.Namespace, **kwargs: object):  # type: ignore[no-untyped-def]
+    try:
+        from overlay_vici.kube import KubeStore, api_client
+    except ImportError:
+        raise ValueError(
+            "Kubernetes mode needs the kubernetes package (pip install overlay-vici[master]); "
+            "or pass --local STATE"
+        ) from None
+    api = api_client(args.kubeconfig, args.server)
+    return KubeStore(api, _namespace(args), args.secret, **kwargs), api  # type: ignore[arg-type]
+
+
+def _master(args: argparse.Namespace) -> int:
+    from overlay_vici.master import Master
+    from overlay_vici.rotation import Policy
+
+    log.setup(args.log_level)
+    policy = Policy(interval=args.interval, agent_timeout=args.agent_timeout)
+    stop = _stop_event()
+    if args.local:
+        from overlay_vici.local import LocalStore, read_nodes
+
+        if args.nodes is None:
+            raise ValueError("--local needs --nodes FILE, the YAML or JSON list of {name, ip}")
+        read_nodes(args.nodes)  # a bad list at start is a usage error
+        store = LocalStore(args.local, args.nodes)
+        if not store.is_leader(0):
+            raise ValueError(f"another master already runs on {args.local}")
+        log.info("master starting", mode="local", state=str(args.local), interval=args.interval)
+        try:
+            Master(store, policy, tick=args.tick).run(stop)
+        finally:
+            store.close()
+        log.info("master stopped")
+        return 0
+    import socket
+
+    from overlay_vici.kube import NodeWatcher
+
+    wake = threading.Event()
+    kube, api = _kube_store(
+        args, identity=args.identity or socket.gethostname(), lease_duration=args.lease_duration
+    )
+    kube.watcher = NodeWatcher(api, args.opt_out_label, wake=wake)
+    watch_thread = threading.Thread(target=kube.watcher.run, args=(stop,), daemon=True)
+    watch_thread.start()
+    log.info("master starting", mode="kubernetes", namespace=kube.namespace, identity=kube.identity)
+    Master(kube, policy, tick=args.tick).run(stop, wake)
+    kube.release()
+    log.info("master stopped")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    import secrets
+    import time
+
+    if args.local:
+        from overlay_vici.local import request_rotation
+
+        request_rotation(args.local)
+    else:
+        kube, _ = _kube_store(args)
+        kube.request_rotation(f"{time.time():.6f}-{secrets.token_hex(4)}")
+    print("rotation requested; follow it with `overlay-vici status`")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from overlay_vici.master import mesh_status
+    from overlay_vici.rotation import Policy
+
+    if args.local:
+        from overlay_vici.local import read_reports, read_snapshot, secret_dir
+
+        if not (secret_dir(args.local) / "keyring.json").exists():
+            raise ValueError(
+                f"no keyring under {args.local}; is `overlay-vici master --local` running?"
+            )
+        snapshot = read_snapshot(args.local)
+        names = [p["name"] for p in json.loads(snapshot.keyring or "{}").get("peers", [])]
+        reports = read_reports(args.local, names)
+    else:
+        kube, _ = _kube_store(args)
+        snapshot = kube.read()
+        if snapshot.keyring is None:
+            raise ValueError(f"no Secret {kube.namespace}/{kube.secret}; is the master running?")
+        reports = kube.reports()
+    view = mesh_status(snapshot, reports, time.time(), Policy(agent_timeout=args.agent_timeout))
+    if args.json:
+        print(json.dumps(view, indent=1, sort_keys=True))
+        return 0
+    print(_status_text(view), end="")
+    return 0
+
+
+def _status_text(view: dict) -> str:  # type: ignore[type-arg]
+    roles = ", ".join(f"{g} {r}" for g, r in view["generations"].items())
+    if view["rotating"]:
+        rotation = f"rotation {view['rotation']} under way, phase {view['phase']}"
+        if view["waiting"]:
+            rotation += f", waiting for {', '.join(view['waiting'])}"
+    else:
+        rotation = "no rotation under way" + (
+            " (one requested)" if view["rotation_requested"] else ""
+        )
+    lines = [
+        f"active generation {view['active_generation']} (keyring serial {view['serial']}: {roles})",
+        rotation,
+    ]
+    if view["expired"]:
+        lines.append(f"expired agents, not waited for: {', '.join(view['expired'])}")
+    lines.append(
+        f"{'NODE':<16} {'AGENT':<8} {'HEARTBEAT':>9} {'SERIAL':>6} {'SAS':>7}  GENERATIONS  ERROR"
+    )
+    for node in view["nodes"]:
+        if "keyring_serial" not in node:
+            lines.append(f"{node['node']:<16} {node['agent']:<8} {'-':>9} {'-':>6} {'-':>7}  -")
+            continue
+        gens = ",".join(f"{g}:{r}" for g, r in sorted(node["generations"].items())) or "-"
+        sas = f"{node['peers_up']}/{node['peers_expected']}"
+        lines.append(
+            f"{node['node']:<16} {node['agent']:<8} {node['heartbeat_age']:>8}s "
+            f"{node['keyring_serial'] if node['keyring_serial'] is not None else '-':>6} {sas:>7}  "
+            f"{gens:<11}  {node['last_error'] or '-'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _report_lease(args: argparse.Namespace) -> int:
+    from overlay_vici.lease import ApiServer, LeaseReporter, run_reporter
+
+    log.setup(args.log_level)
+    api = (
+        ApiServer(args.server, args.token_file, args.ca_file)
+        if args.server
+        else ApiServer.in_cluster()
+    )
+    reporter = LeaseReporter(api, _namespace(args), args.node)
+    log.info("lease reporter starting", node=args.node, status=str(args.status))
+    run_reporter(reporter, args.status, _stop_event(), heartbeat=args.heartbeat)
     return 0

@@ -19,18 +19,28 @@ KEYRING_FILE = "keyring.json"
 
 
 def read_keyring(secret_dir: Path) -> Keyring:
+    return loads(read_keyring_bytes(secret_dir))
+
+
+def read_keyring_bytes(secret_dir: Path) -> bytes:
     """Read through kubelet's `..data` symlink; never more than the size limit."""
     path = secret_dir / KEYRING_FILE
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_KEYRING_BYTES + 1)
+            if len(data) > MAX_KEYRING_BYTES:
+                size = os.fstat(handle.fileno()).st_size
+                raise KeyringError(
+                    f"keyring is {size} bytes, over the {MAX_KEYRING_BYTES}-byte limit; "
+                    "republish the Secret from the master"
+                )
     except FileNotFoundError:
         raise KeyringError(
             f"no {KEYRING_FILE} in {secret_dir}; check the Secret volume and that the master runs"
         ) from None
     except OSError as exc:
         raise KeyringError(f"cannot read {path} ({exc.strerror}); check the volume mount") from None
-    return loads(data)
+    return data
 
 
 def write_atomic(path: Path, text: str, mode: int) -> None:

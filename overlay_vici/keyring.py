@@ -102,7 +102,7 @@ def loads(data: bytes | str) -> Keyring:
         raise KeyringError("keyring is empty; wait for the master to publish the Secret")
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also absurd nesting and 5,000-digit ints
         raise KeyringError(
             f"keyring is not valid JSON ({exc}); the file is truncated or corrupt, "
             "republish the Secret from the master"
@@ -159,7 +159,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if not isinstance(item, dict):
             raise KeyringError("every peer must be an object with 'name' and 'ip'")
         name, ip = item.get("name"), item.get("ip")
-        if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.match(name):
+        if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.fullmatch(name):
             raise KeyringError(f"peer name {name!r} is not a valid Kubernetes node name")
         try:
             address = ipaddress.ip_address(ip)  # type: ignore[arg-type]

@@ -22,37 +22,71 @@ class Command:
     command: str
     message: dict[str, Any]
     subject: str
+    # charon refuses some harmless requests, e.g. terminating an SA that is already gone.
+    must_succeed: bool = True
+    # For loads: the digest to remember once charon accepted the message.
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What charon should hold, with each message's digest computed once, not every pass."""
+
+    messages: Messages
+    digests: dict[str, str]
+    initiated: frozenset[str]  # connections to bring up as soon as they are loaded
+
+    @classmethod
+    def of(cls, messages: Messages, initiated: frozenset[str] = frozenset()) -> Desired:
+        every = {**messages.shared, **messages.conns}
+        digests = {subject: digest(message) for subject, message in every.items()}
+        return cls(messages, digests, initiated)
 
 
 def digest(message: dict[str, Any]) -> str:
     return hashlib.sha256(repr(message).encode()).hexdigest()
 
 
+def _initiate(conn: str, load_conn: dict[str, Any]) -> dict[str, Any]:
+    """Bring a connection up in the background; the trap stays as the safety net."""
+    child = next(iter(load_conn[conn].get("children", {})), "")
+    return {"child": child, "ike": conn, "timeout": "-1", "init-limits": "no"}
+
+
+def _terminate(conn: str) -> dict[str, Any]:
+    """Delete without waiting on a peer that is likely gone."""
+    return {"ike": conn, "force": "yes", "timeout": "-1"}
+
+
 def plan(
-    desired: Messages,
+    desired: Desired,
     loaded_conns: set[str],
     loaded_shared: set[str],
     sent: dict[str, str],
 ) -> list[Command]:
     """Keys first (a new connection must find its key), removals last (never a gap)."""
     commands = [
-        Command("load-shared", message, key_id)
-        for key_id, message in desired.shared.items()
-        if key_id not in loaded_shared or sent.get(key_id) != digest(message)
+        Command(name, message, subject, digest=desired.digests[subject])
+        for name, messages, loaded in (
+            ("load-shared", desired.messages.shared, loaded_shared),
+            ("load-conn", desired.messages.conns, loaded_conns),
+        )
+        for subject, message in messages.items()
+        if subject not in loaded or sent.get(subject) != desired.digests[subject]
     ]
     commands += [
-        Command("load-conn", message, name)
-        for name, message in desired.conns.items()
-        if name not in loaded_conns or sent.get(name) != digest(message)
+        Command("initiate", _initiate(name, message), name, must_succeed=False)
+        for name, message in desired.messages.conns.items()
+        if name in desired.initiated and name not in loaded_conns
     ]
-    commands += [
-        Command("unload-conn", {"name": name}, name)
-        for name in sorted(loaded_conns)
-        if is_owned_conn(name) and name not in desired.conns
-    ]
+    for name in sorted(loaded_conns):
+        if is_owned_conn(name) and name not in desired.messages.conns:
+            # Unloading removes the trap only; the peer's SAs would live on until DPD.
+            commands.append(Command("unload-conn", {"name": name}, name))
+            commands.append(Command("terminate", _terminate(name), name, must_succeed=False))
     commands += [
         Command("unload-shared", {"id": key_id}, key_id)
         for key_id in sorted(loaded_shared)
-        if is_owned_secret(key_id) and key_id not in desired.shared
+        if is_owned_secret(key_id) and key_id not in desired.messages.shared
     ]
     return commands

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -37,12 +38,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("ike_rekey_time", "child_rekey_time", "reauth_time", "dpd_delay"):
-            if not _DURATION.match(getattr(self, name)):
+            if not _DURATION.fullmatch(getattr(self, name)):
                 raise SettingsError(
                     f"{name} {getattr(self, name)!r} is not a duration like 30s, 1h or 0"
                 )
         for name in ("ike_proposals", "esp_proposals"):
-            if not _PROPOSAL.match(getattr(self, name)):
+            if not _PROPOSAL.fullmatch(getattr(self, name)):
                 raise SettingsError(
                     f"{name} {getattr(self, name)!r} is not a strongSwan proposal "
                     "like aes128gcm16-x25519"
@@ -53,11 +54,12 @@ SECRET_PREFIX = f"ike-{CONN_PREFIX}"  # swanctl takes a secret's type from its n
 
 
 def conn_name(peer_name: str) -> str:
-    return f"{CONN_PREFIX}{peer_name}"
+    # swanctl.conf section names cannot hold dots; node names never hold underscores.
+    return f"{CONN_PREFIX}{peer_name.replace('.', '_')}"
 
 
 def secret_id(peer_name: str, generation: int) -> str:
-    return f"{SECRET_PREFIX}{peer_name}-g{generation}"
+    return f"{SECRET_PREFIX}{peer_name.replace('.', '_')}-g{generation}"
 
 
 def is_owned_conn(name: str) -> bool:
@@ -74,7 +76,9 @@ def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
     return [node.ip, peer.ip] if sent else [peer.ip]
 
 
+@lru_cache(maxsize=8)
 def _environment(override_dir: Path | None) -> jinja2.Environment:
+    """Cached: compiling the templates costs more than rendering them."""
     search = [str(override_dir)] if override_dir else []
     search.append(str(BUILTIN_TEMPLATES))
     return jinja2.Environment(

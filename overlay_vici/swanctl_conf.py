@@ -29,6 +29,7 @@ LIST_KEYS = frozenset(
         "vips",
         "pools",
         "groups",
+        "cert_policy",
     }
 )
 # Shared-secret types swanctl loads over load-shared, matched as name prefixes in this order.
@@ -39,12 +40,15 @@ _TOKEN = re.compile(
         (?P<comment>\#[^\n]*)
       | (?P<open>\{)
       | (?P<close>\})
-      | (?P<assign>[^\s=#{}]+)[ \t]*=[ \t]*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<value>[^\n#{}]*))
-      | (?P<name>[^\s=#{}]+)(?=\s*\{)
+      | (?P<assign>[^\s=#{}".,:]+)[ \t]*=[ \t]*
+        (?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<value>[^\n#{}]*))
+      | (?P<name>[^\s=#{}".,:]+)(?=\s*\{)
     )""",
     re.VERBOSE,
 )
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", '"': '"', "\\": "\\"}
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}  # any other escaped character stands for itself
+_SPACE = re.compile(r"\s*")
+MAX_DEPTH = 32
 
 
 class SwanctlSyntaxError(ValueError):
@@ -64,45 +68,67 @@ def parse_settings(text: str) -> Section:
     root: Section = {}
     stack = [root]
     pending: str | None = None
-    pos = 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            break
+    pos, end = 0, len(text.rstrip())
+    while pos < end:
         match = _TOKEN.match(text, pos)
         if not match:
-            raise SwanctlSyntaxError(f"line {_line(text, pos)}: cannot parse {_snippet(text, pos)}")
+            start = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            raise SwanctlSyntaxError(
+                f"line {_line(text, start)}: cannot parse {_snippet(text, start)}"
+            )
         pos = match.end()
-        if match["comment"]:
-            continue
+        where = _Where(text, match.start(match.lastgroup or 0))
         if match["name"]:
             pending = match["name"]
         elif match["open"]:
-            if pending is None:
-                raise SwanctlSyntaxError(f"line {_line(text, pos)}: '{{' without a section name")
-            section = stack[-1].setdefault(pending, {})
-            if not isinstance(section, dict):
-                raise SwanctlSyntaxError(
-                    f"line {_line(text, pos)}: {pending} is a key and a section"
-                )
-            stack.append(section)
+            stack.append(_open_section(stack, pending, where))
             pending = None
         elif match["close"]:
             if len(stack) == 1:
-                raise SwanctlSyntaxError(f"line {_line(text, pos)}: unbalanced '}}'")
+                raise SwanctlSyntaxError(f"{where}: unbalanced '}}'")
             stack.pop()
-        else:
-            key = match["assign"]
-            if key == "include":
-                raise SwanctlSyntaxError(f"line {_line(text, pos)}: include is not supported")
-            value = match["quoted"]
-            stack[-1][key] = (
-                re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[1]), value)
-                if value is not None
-                else match["value"].strip()
-            )
+        elif match["assign"]:
+            _assign(stack[-1], match, where)
     if len(stack) != 1:
         raise SwanctlSyntaxError("unexpected end of file: a section is not closed with '}'")
     return root
+
+
+class _Where:
+    """A position that becomes "line N" only when an error is raised (counting is O(n))."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.text, self.pos = text, pos
+
+    def __str__(self) -> str:
+        return f"line {_line(self.text, self.pos)}"
+
+
+def _open_section(stack: list[Section], name: str | None, where: _Where) -> Section:
+    if name is None:
+        raise SwanctlSyntaxError(f"{where}: '{{' without a section name")
+    if len(stack) > MAX_DEPTH:
+        raise SwanctlSyntaxError(f"{where}: sections nested deeper than {MAX_DEPTH}")
+    section = stack[-1].setdefault(name, {})
+    if not isinstance(section, dict):
+        raise SwanctlSyntaxError(f"{where}: {name} is both a key and a section")
+    return section
+
+
+def _assign(section: Section, match: re.Match[str], where: _Where) -> None:
+    """As strongSwan: escapes decoded in quotes, blanks folded outside, empty unsets."""
+    key = match["assign"]
+    if key == "include":
+        raise SwanctlSyntaxError(f"{where}: include is not supported")
+    if isinstance(section.get(key), dict):
+        raise SwanctlSyntaxError(f"{where}: {key} is both a section and a key")
+    quoted = match["quoted"]
+    if quoted is not None:
+        section[key] = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[1]), quoted)
+    elif value := " ".join(match["value"].split()):
+        section[key] = value
+    else:
+        section.pop(key, None)
 
 
 def to_messages(text: str) -> Messages:
@@ -131,7 +157,7 @@ def _conn_body(section: Section, path: str) -> Section:
     for key, value in section.items():
         if isinstance(value, str):
             body[key] = _split_list(value) if key.lower() in LIST_KEYS else value
-        if key.lower() in ("certs", "cacerts") and isinstance(value, str):
+        if key.lower() in ("certs", "cacerts", "pubkeys") and isinstance(value, str):
             raise SwanctlSyntaxError(f"{path}.{key}: certificate files are not supported")
     for key, value in section.items():
         if isinstance(value, dict):

@@ -1,0 +1,710 @@
+"""Benchmark the agent's reconcile against one fresh, private strongSwan charon.
+
+For every peer count N (node n0 plus N peers, a keyring of two generations, so 2 keys and
+1 connection per peer) and all in one run against one charon, this measures side by side:
+
+1. the agent's full reconcile: Agent.step() into an empty charon, its VICI message count
+   and how the time splits (read keyring, render = jinja2 + HKDF, parse, plan, send,
+   charon queries), by wrapping the very functions the agent calls;
+2. the lower bound: the same load-shared/load-conn messages sent in a plain loop over one
+   vici.Session into an emptied charon;
+3. `swanctl --load-all --file` of the same rendered swanctl.conf into an emptied charon;
+4. steady state: a step with nothing changed (--steady-repeat of them), and a step after
+   one peer was added; steps in which charon's `stats` "since" (the agent's restart marker)
+   moved, so that the agent resent everything, are counted and timed apart;
+5. resident memory of a process that ran the full reconcile, against a process that only
+   imported the same modules (both in subprocesses, so this process does not pollute them).
+
+charon runs in private mount and network namespaces when run as root (its pid file is
+hard-coded to /var/run/charon.pid, and its trap policies then stay out of the host's XFRM
+tables); --no-isolate starts it plainly.
+
+    .venv/bin/python bench/bench_reconcile.py --peers 10,1000 --repeat 3 --out results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import vici
+
+from overlay_vici import agent as agent_module
+from overlay_vici import render as render_module
+from overlay_vici.agent import Agent, AgentConfig
+from overlay_vici.charon import Charon
+from overlay_vici.files import publish_secret
+from overlay_vici.keyring import Generation, Keyring, Peer, dumps, new_generation_key
+from overlay_vici.render import Settings, strongswan_conf
+from overlay_vici.swanctl_conf import Messages
+
+NODE = "n0"
+FIRST_IP = IPv4Address("10.0.0.1")
+SETTINGS = Settings()
+# The agent's functions whose time the split reports, as looked up by overlay_vici.agent.
+AGENT_FUNCTIONS = {
+    "read_keyring": "read keyring",
+    "swanctl_conf": "render",
+    "to_messages": "parse",
+    "plan": "plan",
+}
+CHARON_QUERIES = ("started", "loaded_conns", "loaded_shared", "ike_sas")
+SPLIT_ORDER = ("read keyring", "render", "hkdf", "parse", "plan", "send", "queries", "other")
+
+# Runs in a fresh interpreter: import what the agent imports, optionally run one full
+# reconcile, then report this process's resident memory in kB.
+MEMORY_CHILD = r"""
+import json, sys
+from pathlib import Path
+
+import overlay_vici.agent, overlay_vici.charon, overlay_vici.files, overlay_vici.keyring
+import overlay_vici.plan, overlay_vici.render, overlay_vici.swanctl_conf
+from overlay_vici.agent import Agent, AgentConfig
+from overlay_vici.charon import Charon
+from overlay_vici.render import Settings
+
+mode = sys.argv[1]
+messages = 0
+if mode == "agent":
+    node, keys, uri = sys.argv[2:5]
+    agent = Agent(AgentConfig(node=node, secret_dir=Path(keys), settings=Settings()), Charon(uri))
+    agent.step()
+    if agent.last_error:
+        sys.exit(f"agent step failed: {agent.last_error}")
+    messages = agent.charon.messages
+status = {}
+for line in Path("/proc/self/status").read_text().splitlines():
+    key, _, value = line.partition(":")
+    if key in ("VmRSS", "VmHWM"):
+        status[key] = int(value.split()[0])
+status["messages"] = messages
+print(json.dumps(status))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- charon
+
+
+@dataclass
+class PrivateCharon:
+    """One charon started for this run, driven over its own VICI socket."""
+
+    workdir: Path
+    binary: str
+    isolate: bool
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "charon.vici"
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "charon.log"
+
+    def start(self) -> None:
+        conf = self.workdir / "strongswan.conf"
+        # What `overlay-vici render strongswan` prints, plus random IKE ports so that this
+        # charon does not collide with one already bound to 500/4500.
+        text = strongswan_conf(str(self.socket_path), str(self.log_path))
+        conf.write_text(text + "charon {\n  port = 0\n  port_nat_t = 0\n}\n")
+        command = [self.binary]
+        if self.isolate:
+            command = [
+                "unshare",
+                "--mount",
+                "--net",
+                "--fork",
+                "sh",
+                "-c",
+                f'mount -t tmpfs tmpfs /run && exec "{self.binary}"',
+            ]
+        env = {**os.environ, "STRONGSWAN_CONF": str(conf)}
+        stdout = (self.workdir / "charon.stdout").open("wb")
+        self.process = subprocess.Popen(
+            command, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"charon exited at start; see {self.log_path}\n{self.tail()}")
+            try:
+                with self.session() as session:
+                    session.request("version")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"charon's VICI socket {self.socket_path} did not come up")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the group this run started
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    @contextmanager
+    def session(self) -> Iterator[vici.Session]:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(120)
+        try:
+            sock.connect(str(self.socket_path))
+            yield vici.Session(sock)
+        finally:
+            sock.close()
+
+    def version(self) -> str:
+        with self.session() as session:
+            info = session.request("version")
+        return " ".join(info[k].decode() for k in ("daemon", "version", "sysname", "release"))
+
+    def empty(self) -> None:
+        """Unload every connection and shared key, so that the next load starts from zero."""
+        with self.session() as session:
+            for name in session.request("get-conns").get("conns", []):
+                session.request("unload-conn", {"name": name})
+            for key_id in session.request("get-shared").get("keys", []):
+                session.request("unload-shared", {"id": key_id})
+            left = len(session.request("get-conns").get("conns", [])) + len(
+                session.request("get-shared").get("keys", [])
+            )
+        if left:
+            raise RuntimeError(f"charon still holds {left} connections/keys after unloading")
+
+    def loaded(self) -> tuple[int, int]:
+        with self.session() as session:
+            conns = len(session.request("get-conns").get("conns", []))
+            keys = len(session.request("get-shared").get("keys", []))
+        return conns, keys
+
+    def tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def problems(self) -> list[str]:
+        """Log lines that say something failed, but not the start-up chatter."""
+        if not self.log_path.exists():
+            return []
+        pattern = re.compile(r"unable|failed|error|refus", re.IGNORECASE)
+        return [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if pattern.search(line) and " 00[" not in line
+        ]
+
+
+# --------------------------------------------------------------------------- keyring
+
+
+def make_keyring(peers: int) -> Keyring:
+    """n0 and n1..nN on consecutive IPs; generation 2 is sent, 1 only accepted."""
+    nodes = tuple(Peer(f"n{i}", str(FIRST_IP + i)) for i in range(peers + 1))
+    generations = (Generation(1, new_generation_key()), Generation(2, new_generation_key()))
+    return Keyring(serial=1, sent=2, generations=generations, peers=nodes)
+
+
+def with_one_more_peer(keyring: Keyring) -> Keyring:
+    index = len(keyring.peers)
+    peer = Peer(f"n{index}", str(FIRST_IP + index))
+    return replace(keyring, serial=keyring.serial + 1, peers=(*keyring.peers, peer))
+
+
+def publish(keys: Path, keyring: Keyring) -> None:
+    publish_secret(keys, {"keyring.json": dumps(keyring)})
+
+
+# ------------------------------------------------------------------ instrumentation
+
+
+@dataclass
+class Split:
+    """Seconds and calls per label, from wrappers around the functions the agent calls."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def wrap(
+        self, label: str, function: Callable[..., Any], keep: str | None = None
+    ) -> Callable[..., Any]:
+        """Time `function` under `label`; remember its last result under `keep` or `label`."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = function(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - started
+                self.calls[label] += 1
+            self.results[keep or label] = result
+            return result
+
+        return timed
+
+
+@contextmanager
+def instrumented(agent: Agent) -> Iterator[Split]:
+    split = Split()
+    with ExitStack() as stack:
+        for name, label in AGENT_FUNCTIONS.items():
+            wrapped = split.wrap(label, getattr(agent_module, name))
+            stack.enter_context(mock.patch.object(agent_module, name, wrapped))
+        wrapped = split.wrap("hkdf", render_module.pair_psk)
+        stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
+        stack.enter_context(mock.patch.object(agent, "_send", split.wrap("send", agent._send)))
+        for name in CHARON_QUERIES:
+            wrapped = split.wrap("queries", getattr(agent.charon, name), keep=name)
+            stack.enter_context(mock.patch.object(agent.charon, name, wrapped))
+        yield split
+
+
+@dataclass
+class StepSample:
+    seconds: float
+    messages: int
+    loads: int
+    split: dict[str, float]
+    text: str | None
+    # charon's "since" (the agent's restart marker) as this step read it, and whether it
+    # differed from the previous step's: the agent then forgets what it sent and resends all.
+    since: str
+    since_moved: bool
+
+
+def timed_step(agent: Agent, previous: StepSample | None = None) -> StepSample:
+    before = agent.charon.messages
+    with instrumented(agent) as split:
+        started = time.perf_counter()
+        agent.step()
+        seconds = time.perf_counter() - started
+    if agent.last_error:
+        raise RuntimeError(f"agent step failed: {agent.last_error}")
+    pieces = dict(split.seconds)
+    # HKDF runs inside render; "other" is what no wrapper saw (status, reauth, compare ...).
+    pieces["other"] = seconds - sum(v for k, v in pieces.items() if k != "hkdf")
+    return StepSample(
+        seconds,
+        agent.charon.messages - before,
+        split.calls["send"],
+        pieces,
+        split.results.get("render"),
+        split.results["started"],
+        previous is not None and split.results["started"] != previous.since,
+    )
+
+
+def steps(
+    agent: Agent, count: int, before: StepSample, prepare: Callable[[], None]
+) -> list[StepSample]:
+    samples = [before]
+    for _ in range(count):
+        prepare()
+        samples.append(timed_step(agent, samples[-1]))
+    return samples[1:]
+
+
+def new_agent(keys: Path, charon: PrivateCharon) -> Agent:
+    config = AgentConfig(node=NODE, secret_dir=keys, settings=SETTINGS)
+    return Agent(config, Charon(charon.uri))
+
+
+# -------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Result:
+    peers: int
+    full: list[StepSample] = field(default_factory=list)
+    steady: list[StepSample] = field(default_factory=list)
+    change: list[StepSample] = field(default_factory=list)
+    lower: list[float] = field(default_factory=list)
+    lower_messages: int = 0
+    swanctl: list[float] = field(default_factory=list)
+    swanctl_empty: list[float] = field(default_factory=list)
+    swanctl_loaded: str = ""
+    memory_base: dict[str, int] = field(default_factory=dict)
+    memory_agent: dict[str, int] = field(default_factory=dict)
+    conf_bytes: int = 0
+
+
+def lower_bound(charon: PrivateCharon, messages: Messages) -> tuple[float, int]:
+    """The same bodies, keys first as the planner orders them, over one plain session."""
+    bodies = [("load-shared", m) for m in messages.shared.values()]
+    bodies += [("load-conn", m) for m in messages.conns.values()]
+    with charon.session() as session:
+        started = time.perf_counter()
+        for command, message in bodies:
+            session.request(command, message)
+        seconds = time.perf_counter() - started
+    return seconds, len(bodies)
+
+
+def swanctl_load(swanctl: str, charon: PrivateCharon, conf: Path) -> tuple[float, str]:
+    command = [swanctl, "--load-all", "--file", str(conf), "--uri", charon.uri]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr}")
+    lines = done.stdout.splitlines()
+    secrets = sum(line.startswith("loaded ike secret") for line in lines)
+    conns = [line for line in lines if line.startswith("successfully loaded")]
+    return seconds, "; ".join([f"loaded {secrets} ike secrets", *conns])
+
+
+def memory(mode: str, *args: str) -> dict[str, int]:
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, mode, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child ({mode}) failed: {done.stderr}")
+    return json.loads(done.stdout)
+
+
+def run_peers(
+    peers: int,
+    repeat: int,
+    steady_repeat: int,
+    workdir: Path,
+    charon: PrivateCharon,
+    swanctl: str,
+) -> Result:
+    result = Result(peers)
+    keyring = make_keyring(peers)
+    keys = workdir / f"keys-{peers}"
+    publish(keys, keyring)
+
+    log(f"N={peers}: full reconcile x{repeat}")
+    agent = None
+    for _ in range(repeat):
+        charon.empty()
+        agent = new_agent(keys, charon)
+        result.full.append(timed_step(agent))
+    assert agent is not None and agent.desired is not None
+    loaded = charon.loaded()
+    if loaded != (peers, 2 * peers):
+        raise RuntimeError(f"after the agent's step charon holds {loaded}, expected N, 2N")
+    text = result.full[-1].text
+    assert text is not None
+    messages = agent.desired.messages  # to_messages(text) of that very step
+    conf = workdir / f"swanctl-{peers}.conf"
+    conf.write_text(text)
+    result.conf_bytes = len(text.encode())
+
+    log(f"N={peers}: steady steps x{steady_repeat}")
+    result.steady = steps(agent, steady_repeat, result.full[-1], lambda: None)
+
+    log(f"N={peers}: one-peer changes x{repeat}")
+    changed = [keyring]
+
+    def add_peer() -> None:
+        changed.append(with_one_more_peer(changed[-1]))
+        publish(keys, changed[-1])
+
+    result.change = steps(agent, repeat, result.steady[-1], add_peer)
+    agent.charon.close()
+
+    log(f"N={peers}: lower bound x{repeat}")
+    for _ in range(repeat):
+        charon.empty()
+        seconds, result.lower_messages = lower_bound(charon, messages)
+        result.lower.append(seconds)
+
+    log(f"N={peers}: swanctl --load-all x{repeat}")
+    for _ in range(repeat):
+        charon.empty()
+        seconds, result.swanctl_loaded = swanctl_load(swanctl, charon, conf)
+        result.swanctl.append(seconds)
+    empty = workdir / "swanctl-empty.conf"
+    empty.write_text("connections {\n}\nsecrets {\n}\n")
+    for _ in range(repeat):
+        charon.empty()
+        result.swanctl_empty.append(swanctl_load(swanctl, charon, empty)[0])
+
+    log(f"N={peers}: memory")
+    charon.empty()
+    memory_keys = workdir / f"keys-{peers}-memory"
+    publish(memory_keys, keyring)
+    result.memory_base = memory("baseline")
+    result.memory_agent = memory("agent", NODE, str(memory_keys), charon.uri)
+    return result
+
+
+# -------------------------------------------------------------------------- report
+
+
+def ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    median, low = statistics.median(values) * 1e3, min(values) * 1e3
+    return f"{median:,.1f} ({low:,.1f})" if len(values) > 1 else f"{median:,.1f}"
+
+
+def mib(kb: int) -> str:
+    return f"{kb / 1024:,.1f}"
+
+
+def runs(values: list[int]) -> str:
+    """Every run's value in order: a constant shows as one number."""
+    return str(values[0]) if len(set(values)) == 1 else ", ".join(str(v) for v in values)
+
+
+def split_rows(
+    label: str, results: list[Result], phase: Callable[[Result], list[StepSample]]
+) -> list[tuple[str, list[str]]]:
+    """One row per piece any run of any N saw, in SPLIT_ORDER; absent pieces count 0."""
+    rows = []
+    for piece in SPLIT_ORDER:
+        if not any(piece in s.split for r in results for s in phase(r)):
+            continue
+        name = "of which HKDF" if piece == "hkdf" else piece
+        indent = "&nbsp;&nbsp;&nbsp;&nbsp;" if piece == "hkdf" else "&nbsp;&nbsp;"
+        cells = [ms([s.split.get(piece, 0.0) for s in phase(r)]) for r in results]
+        rows.append((f"{indent}{label}: {name}", cells))
+    return rows
+
+
+def table(results: list[Result]) -> str:
+    header = "| measure | " + " | ".join(f"N={r.peers}" for r in results) + " |"
+    lines = [header, "|---|" + "---:|" * len(results)]
+
+    def row(name: str, cells: list[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def per(fn: Callable[[Result], str]) -> list[str]:
+        return [fn(r) for r in results]
+
+    row("rendered swanctl.conf (bytes)", per(lambda r: f"{r.conf_bytes:,}"))
+    row(
+        "**agent full reconcile**: step() into empty charon, ms",
+        per(lambda r: ms([s.seconds for s in r.full])),
+    )
+    for name, cells in split_rows("full", results, lambda r: r.full):
+        row(name, cells)
+    row(
+        "agent full reconcile: VICI messages (per run)",
+        per(lambda r: runs([s.messages for s in r.full])),
+    )
+    row(
+        "agent full reconcile: load-* commands (per run)",
+        per(lambda r: runs([s.loads for s in r.full])),
+    )
+    row("**lower bound**: same load-* bodies, plain vici loop, ms", per(lambda r: ms(r.lower)))
+    row("lower bound: VICI messages", per(lambda r: str(r.lower_messages)))
+    row(
+        "agent / lower bound (median)",
+        per(lambda r: f"{_ratio([s.seconds for s in r.full], r.lower)}"),
+    )
+    row(
+        "agent send only / lower bound (median)",
+        per(lambda r: _ratio([s.split.get("send", 0.0) for s in r.full], r.lower)),
+    )
+    row("**swanctl --load-all --file** (process wall), ms", per(lambda r: ms(r.swanctl)))
+    row(
+        "swanctl --load-all of an empty file (its fixed cost), ms",
+        per(lambda r: ms(r.swanctl_empty)),
+    )
+    row("swanctl reported", per(lambda r: r.swanctl_loaded.replace("|", "/") or "-"))
+    for phase, title in (
+        ("steady", "**steady step**, nothing changed"),
+        ("change", "**one-peer change step** (a peer added each run)"),
+    ):
+
+        def held(r: Result, phase: str = phase) -> list[StepSample]:
+            return [s for s in getattr(r, phase) if not s.since_moved]
+
+        def moved(r: Result, phase: str = phase) -> list[StepSample]:
+            return [s for s in getattr(r, phase) if s.since_moved]
+
+        def every(r: Result, phase: str = phase) -> list[StepSample]:
+            return getattr(r, phase)
+
+        row(
+            f"{title}, ms (runs where charon's `since` held)",
+            per(lambda r: ms([s.seconds for s in held(r)])),
+        )
+        for name, cells in split_rows(phase, results, held):
+            row(name, cells)
+        row(
+            f"{phase}: load-* commands (every run, in order)",
+            per(lambda r: runs([s.loads for s in every(r)])),
+        )
+        row(
+            f"{phase}: VICI messages (every run, in order)",
+            per(lambda r: runs([s.messages for s in every(r)])),
+        )
+        row(
+            f"{phase}: runs where `since` moved, so the agent resent everything; their ms",
+            per(
+                lambda r: (
+                    f"{len(moved(r))} of {len(every(r))}; " + ms([s.seconds for s in moved(r)])
+                )
+            ),
+        )
+    row(
+        "**memory** baseline (imports only): VmRSS / VmHWM, MiB",
+        per(lambda r: f"{mib(r.memory_base['VmRSS'])} / {mib(r.memory_base['VmHWM'])}"),
+    )
+    row(
+        "agent after full reconcile: VmRSS / VmHWM, MiB",
+        per(lambda r: f"{mib(r.memory_agent['VmRSS'])} / {mib(r.memory_agent['VmHWM'])}"),
+    )
+    row(
+        "agent minus baseline: RSS / HWM, MiB",
+        per(
+            lambda r: (
+                f"{mib(r.memory_agent['VmRSS'] - r.memory_base['VmRSS'])} / "
+                f"{mib(r.memory_agent['VmHWM'] - r.memory_base['VmHWM'])}"
+            )
+        ),
+    )
+    row("memory child's VICI messages", per(lambda r: str(r.memory_agent["messages"])))
+    return "\n".join(lines)
+
+
+def _ratio(numerator: list[float], denominator: list[float]) -> str:
+    return f"{statistics.median(numerator) / statistics.median(denominator):.1f}x"
+
+
+def machine(charon: PrivateCharon) -> str:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.partition(":")[2].strip()
+            break
+    return (
+        f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}, "
+        f"vici (Python) {_version('vici')}, {charon.version()}"
+    )
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--peers",
+        default="1000",
+        help="comma-separated peer counts N, each run in turn (default %(default)s)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measure (default 3)")
+    parser.add_argument(
+        "--steady-repeat",
+        type=int,
+        default=10,
+        help="steps with nothing changed, per N (cheap; default %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the table here")
+    parser.add_argument("--charon", default="/usr/lib/ipsec/charon", help="charon binary")
+    parser.add_argument("--swanctl", default="swanctl", help="swanctl binary")
+    parser.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="start charon plainly, not in private mount+network namespaces",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    try:
+        args.peer_counts = [int(p) for p in args.peers.split(",") if p.strip()]
+    except ValueError:
+        parser.error(f"--peers {args.peers!r} must be comma-separated integers")
+    if not args.peer_counts or min(args.peer_counts, default=0) < 1:
+        parser.error("--peers must be positive")
+    if args.repeat < 1 or args.steady_repeat < 1:
+        parser.error("--repeat and --steady-repeat must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    isolate = not args.no_isolate and os.geteuid() == 0 and shutil.which("unshare") is not None
+    workdir = Path(tempfile.mkdtemp(prefix="overlay-vici-bench."))
+    charon = PrivateCharon(workdir, args.charon, isolate)
+    started = time.perf_counter()
+    load_before = loadavg()
+    try:
+        charon.start()
+        log(f"charon up ({'private namespaces' if isolate else 'host namespaces'}), {workdir}")
+        results = [
+            run_peers(n, args.repeat, args.steady_repeat, workdir, charon, args.swanctl)
+            for n in args.peer_counts
+        ]
+        info = machine(charon)
+        problems = charon.problems()
+    except BaseException:
+        log(f"charon log tail:\n{charon.tail()}")
+        raise
+    finally:
+        charon.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    report = "\n".join(
+        [
+            f"Command: `{command}`  ",
+            f"Machine: {info}  ",
+            f"charon in {'private mount+net namespaces' if isolate else 'host namespaces'}; "
+            f"times are median (min) over {args.repeat} runs ({args.steady_repeat} for steady "
+            "steps), in ms; "
+            f"whole run {time.perf_counter() - started:.0f} s; load average (1 min) "
+            f"{load_before} before, {loadavg()} after (other work on the host shows here).",
+            "",
+            table(results),
+            "",
+            f"charon log lines reporting failures during the run: {len(problems)}"
+            + "".join(f"\n    {line}" for line in problems[:5]),
+        ]
+    )
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Kubernetes edges of the master, with the official `kubernetes` client (the [master] extra).
+
+- NodeWatcher: list + watch Nodes (name, InternalIP, opt-out label); 410 Gone -> relist.
+- KubeStore: the Secret (keyring.json + master.json, read and replaced with its
+  resourceVersion: a 409 is reported as a conflict, never overwritten), the agents' ack
+  Leases (written by `overlay-vici report-lease`, see overlay_vici.lease), and leader
+  election on a Lease.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client, watch
+
+from overlay_vici import log
+from overlay_vici.lease import AGENT_SELECTOR, STATUS_ANNOTATION
+from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot
+from overlay_vici.rotation import AgentReport, NodeInfo
+
+REQUEST_ANNOTATION = "overlay-vici.io/rotate-requested"
+OPT_OUT_LABEL = "overlay-vici.io/opt-out"
+DEFAULT_SECRET = "overlay-vici-keys"
+DEFAULT_LEADER_LEASE = "overlay-vici-master"
+
+
+class KubeError(RuntimeError):
+    """A Kubernetes call failed in a way the command cannot go past; one sentence."""
+
+
+def api_client(kubeconfig: str | None = None, server: str | None = None) -> client.ApiClient:
+    """In-cluster config when run in a pod, else the kubeconfig (or `server`, plain, for tests)."""
+    from kubernetes import config
+
+    if server:
+        return client.ApiClient(client.Configuration(host=server))
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            pass
+    try:
+        config.load_kube_config(config_file=kubeconfig)
+    except (config.ConfigException, OSError) as exc:
+        raise KubeError(f"no Kubernetes configuration found ({exc}); pass --kubeconfig") from None
+    return client.ApiClient()
+
+
+def node_info(node: Any, opt_out_label: str) -> NodeInfo:
+    labels = node.metadata.labels or {}
+    ip = (
+        next(
+            (
+                a.address
+                for a in (node.status.addresses or [])
+                if a.type == "InternalIP" and "." in a.address
+            ),
+            None,
+        )
+        if node.status
+        else None
+    )
+    return NodeInfo(node.metadata.name, ip, labels.get(opt_out_label) == "true")
+
+
+def _micro_time(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)
+
+
+class NodeWatcher:
+    """Keeps `nodes` (None until the first list) current; sets `wake` on every change."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        opt_out_label: str = OPT_OUT_LABEL,
+        timeout: int = 60,
+        wake: threading.Event | None = None,
+    ) -> None:
+        self.core = client.CoreV1Api(api)
+        self.opt_out_label = opt_out_label
+        self.timeout = timeout
+        self.wake = wake or threading.Event()
+        self._nodes: dict[str, NodeInfo] | None = None
+        self._lock = threading.Lock()
+        self.relists = 0
+
+    @property
+    def nodes(self) -> list[NodeInfo] | None:
+        with self._lock:
+            return None if self._nodes is None else list(self._nodes.values())
+
+    def run(self, stop: threading.Event) -> None:
+        version: str | None = None
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                if version is None:
+                    listed = self.core.list_node()
+                    with self._lock:
+                        self._nodes = {
+                            n.metadata.name: node_info(n, self.opt_out_label) for n in listed.items
+                        }
+                    version = listed.metadata.resource_version
+                    self.relists += 1
+                    self.wake.set()
+                stream = watch.Watch()
+                for event in stream.stream(
+                    self.core.list_node, resource_version=version, timeout_seconds=self.timeout
+                ):
+                    node = event["object"]
+                    version = node.metadata.resource_version
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        with self._lock:
+                            assert self._nodes is not None
+                            if event["type"] == "DELETED":
+                                self._nodes.pop(node.metadata.name, None)
+                            else:
+                                self._nodes[node.metadata.name] = node_info(
+                                    node, self.opt_out_label
+                                )
+                        self.wake.set()
+                    if stop.is_set():
+                        stream.stop()
+                backoff = 0.5
+            except client.ApiException as exc:
+                if exc.status == 410:
+                    log.info("node watch expired, listing again")
+                    version = None
+                    continue
+                log.error("node watch failed", error=f"{exc.status} {exc.reason}")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30)
+            except Exception as exc:  # the connection dropped: watch again from where we were
+                log.error("node watch failed", error=str(exc))
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30)
+
+
+class KubeStore:
+    """The master's Store over the Kubernetes API."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        secret: str = DEFAULT_SECRET,
+        identity: str = "master",
+        leader_lease: str = DEFAULT_LEADER_LEASE,
+        lease_duration: int = 15,
+        watcher: NodeWatcher | None = None,
+    ) -> None:
+        self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.secret = secret
+        self.identity = identity
+        self.leader_lease = leader_lease
+        self.lease_duration = lease_duration
+        self.watcher = watcher
+        self._read: Any = None
+
+    # -- the Secret -------------------------------------------------------------------
+    def read(self) -> Snapshot:
+        try:
+            secret = self.core.read_namespaced_secret(self.secret, self.namespace)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                self._read = None
+                return Snapshot(None, None, None, None)
+            raise
+        self._read = secret
+        data = secret.data or {}
+        annotations = secret.metadata.annotations or {}
+        return Snapshot(
+            keyring=_decode(data.get(KEYRING_KEY)),
+            master=_decode(data.get(MASTER_KEY)),
+            request=annotations.get(REQUEST_ANNOTATION),
+            version=secret.metadata.resource_version,
+        )
+
+    def write(self, keyring: str, master: str, version: Any) -> bool:
+        data = {KEYRING_KEY: _encode(keyring), MASTER_KEY: _encode(master)}
+        try:
+            if version is None:
+                body = {
+                    "metadata": {
+                        "name": self.secret,
+                        "labels": {"app.kubernetes.io/name": "overlay-vici"},
+                    },
+                    "type": "Opaque",
+                    "data": data,
+                }
+                self.core.create_namespaced_secret(self.namespace, body)
+                return True
+            current = self._read
+            if current is None or current.metadata.resource_version != version:
+                return False
+            # Everything else in the object (labels, annotations, other keys) stays as read.
+            current.data = {**(current.data or {}), **data}
+            self.core.replace_namespaced_secret(self.secret, self.namespace, current)
+            return True
+        except client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def request_rotation(self, token: str, attempts: int = 5) -> None:
+        """Annotate the Secret with an on-demand request (read-modify-write, 409: again)."""
+        for _ in range(attempts):
+            try:
+                secret = self.core.read_namespaced_secret(self.secret, self.namespace)
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    raise KubeError(
+                        f"no Secret {self.namespace}/{self.secret}; is the master running?"
+                    ) from None
+                raise
+            annotations = dict(secret.metadata.annotations or {})
+            annotations[REQUEST_ANNOTATION] = token
+            secret.metadata.annotations = annotations
+            try:
+                self.core.replace_namespaced_secret(self.secret, self.namespace, secret)
+                return
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise KubeError(f"the Secret changed under every one of {attempts} attempts; try again")
+
+    # -- nodes and reports ------------------------------------------------------------
+    def nodes(self) -> list[NodeInfo] | None:
+        return self.watcher.nodes if self.watcher else None
+
+    def reports(self) -> Mapping[str, AgentReport]:
+        leases = self.coordination.list_namespaced_lease(
+            self.namespace, label_selector=AGENT_SELECTOR
+        )
+        reports: dict[str, AgentReport] = {}
+        for lease in leases.items:
+            raw = (lease.metadata.annotations or {}).get(STATUS_ANNOTATION)
+            try:
+                doc = json.loads(raw) if raw else None
+            except ValueError:
+                doc = None
+            report = AgentReport.from_status(doc) if isinstance(doc, dict) else None
+            if report is not None and report.node == (
+                lease.spec.holder_identity if lease.spec else None
+            ):
+                reports[report.node] = report
+        return reports
+
+    # -- leader election --------------------------------------------------------------
+    def is_leader(self, now: float) -> bool:
+        """Acquire or renew the leader Lease; a 409 means another replica got there first."""
+        try:
+            lease = self.coordination.read_namespaced_lease(self.leader_lease, self.namespace)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {
+                "metadata": {"name": self.leader_lease},
+                "spec": {
+                    "holderIdentity": self.identity,
+                    "leaseDurationSeconds": self.lease_duration,
+                    "acquireTime": _micro_time(now).isoformat(),
+                    "renewTime": _micro_time(now).isoformat(),
+                    "leaseTransitions": 0,
+                },
+            }
+            try:
+                self.coordination.create_namespaced_lease(self.namespace, body)
+                return True
+            except client.ApiException as exc2:
+                if exc2.status == 409:
+                    return False
+                raise
+        spec = lease.spec
+        holder = spec.holder_identity or None
+        renewed = spec.renew_time.timestamp() if spec.renew_time else 0.0
+        expired = now > renewed + (spec.lease_duration_seconds or self.lease_duration)
+        if holder not in (None, self.identity) and not expired:
+            return False
+        if holder != self.identity:
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+            spec.acquire_time = _micro_time(now)
+            log.info("taking over the leader lease", previous=holder, expired=expired)
+        spec.holder_identity = self.identity
+        spec.renew_time = _micro_time(now)
+        spec.lease_duration_seconds = self.lease_duration
+        try:
+            self.coordination.replace_namespaced_lease(self.leader_lease, self.namespace, lease)
+            return True
+        except client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def release(self) -> None:
+        """Give the leader Lease up on a clean stop, so that a standby takes over at once."""
+        try:
+            lease = self.coordination.read_namespaced_lease(self.leader_lease, self.namespace)
+            if lease.spec.holder_identity == self.identity:
+                lease.spec.holder_identity = ""
+                lease.spec.renew_time = _micro_time(0)
+                self.coordination.replace_namespaced_lease(self.leader_lease, self.namespace, lease)
+        except client.ApiException:
+            pass
+
+
+def _decode(value: str | None) -> str | None:
+    return base64.b64decode(value).decode() if value else None
+
+
+def _encode(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -1,0 +1,225 @@
+"""The master's loop: read the Secret, decide (overlay_vici.rotation), write it back.
+
+The same loop runs in both modes; only the store differs (overlay_vici.local for files,
+overlay_vici.kube for the Kubernetes API). Every write is conditional on the version that
+was read: a conflict means someone else wrote in between, so the loop reads again and
+decides again from their state, never overwriting it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from overlay_vici import keyring as kr
+from overlay_vici import log
+from overlay_vici.rotation import (
+    AgentReport,
+    Decision,
+    MasterState,
+    NodeInfo,
+    Policy,
+    decide,
+    dumps_state,
+    loads_state,
+)
+
+KEYRING_KEY = "keyring.json"
+MASTER_KEY = "master.json"
+CONFLICT_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The Secret as read: its two files (None if absent), the pending request, a version."""
+
+    keyring: str | None
+    master: str | None
+    request: str | None
+    version: Any  # opaque; None: there is no Secret yet
+
+
+class Store(Protocol):
+    def read(self) -> Snapshot: ...
+
+    def write(self, keyring: str, master: str, version: Any) -> bool:
+        """Publish both files if the Secret is still at `version`; False on a conflict."""
+
+    def nodes(self) -> list[NodeInfo] | None:
+        """The current nodes, or None while not yet known."""
+
+    def reports(self) -> Mapping[str, AgentReport]: ...
+
+    def is_leader(self, now: float) -> bool:
+        """Acquire or renew leadership; only the leader writes."""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    keyring: kr.Keyring | None
+    state: MasterState | None
+
+
+def parse(snapshot: Snapshot) -> Parsed:
+    """The keyring (KeyringError if present but broken) and the master state (None if
+    unreadable)."""
+    keyring = kr.loads(snapshot.keyring) if snapshot.keyring is not None else None
+    return Parsed(keyring, loads_state(snapshot.master))
+
+
+class Master:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        clock: Callable[[], float] = time.time,
+        tick: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.clock = clock
+        self.tick = tick
+        self.last: Decision | None = None
+        self.leader = False
+        self._reported: str | None = None
+        self._waiting: tuple[str, ...] | None = None
+
+    def step(self) -> Decision | None:
+        """One pass: lead or stand by; if leading, read, decide, write (retrying conflicts)."""
+        now = self.clock()
+        leader = self.store.is_leader(now)
+        if leader != self.leader:
+            log.info("leadership acquired" if leader else "leadership lost")
+            self.leader = leader
+        if not leader:
+            return None
+        nodes = self.store.nodes()
+        for attempt in range(CONFLICT_RETRIES):
+            snapshot = self.store.read()
+            try:
+                parsed = parse(snapshot)
+            except kr.KeyringError as exc:
+                self._error(f"the Secret's keyring is unusable ({exc}); fix or delete it")
+                return None
+            decision = decide(
+                parsed.keyring,
+                parsed.state,
+                nodes,
+                self.store.reports(),
+                now,
+                self.policy,
+                snapshot.request,
+            )
+            if decision.changed:
+                if not self.store.write(
+                    kr.dumps(decision.keyring), dumps_state(decision.state), snapshot.version
+                ):
+                    log.warning("write conflict, reading again", attempt=attempt + 1)
+                    continue
+                for event, fields in decision.events:
+                    log.info(event, **fields)
+                log.info(
+                    "keyring published",
+                    serial=decision.keyring.serial,
+                    phase=decision.state.phase,
+                    sent=decision.keyring.sent,
+                    generations=[g.id for g in decision.keyring.generations],
+                    peers=len(decision.keyring.peers),
+                )
+            if decision.waiting != self._waiting and decision.state.rotating:
+                log.info(
+                    "waiting for agents",
+                    phase=decision.state.phase,
+                    agents=list(decision.waiting[:20]),
+                    count=len(decision.waiting),
+                )
+            self._waiting = decision.waiting
+            self._reported = None
+            self.last = decision
+            return decision
+        self._error(f"the Secret changed under every one of {CONFLICT_RETRIES} writes; retrying")
+        return None
+
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        wake = wake or threading.Event()
+        while not stop.is_set():
+            wake.clear()
+            try:
+                self.step()
+            except Exception as exc:  # an edge failed (API down, disk full): keep going
+                self._error(f"master step failed: {exc}")
+            wake.wait(self.tick)
+            if stop.is_set():
+                break
+
+    def _error(self, message: str) -> None:
+        if message != self._reported:
+            log.error("master error", error=message)
+        self._reported = message
+
+
+def mesh_status(
+    snapshot: Snapshot,
+    reports: Mapping[str, AgentReport],
+    now: float,
+    policy: Policy,
+) -> dict[str, Any]:
+    """What `overlay-vici status` shows: the mesh's generation and phase, and per node its
+    agent's report. Pure: the same view in local and Kubernetes mode."""
+    from overlay_vici.rotation import classify, completed, consistent
+
+    parsed = parse(snapshot)
+    keyring = parsed.keyring
+    if keyring is None:
+        return {"active_generation": None, "rotating": False, "serial": None, "nodes": []}
+    state = consistent(keyring, parsed.state or MasterState())
+    live, expired, absent = classify(keyring.peers, reports, now, policy)
+    nodes = []
+    for peer in keyring.peers:
+        report = reports.get(peer.name)
+        entry: dict[str, Any] = {
+            "node": peer.name,
+            "ip": peer.ip,
+            "agent": "live" if peer.name in live else "expired" if report else "absent",
+        }
+        if report is not None:
+            entry.update(
+                heartbeat_age=round(now - report.heartbeat, 1),
+                keyring_serial=report.keyring_serial,
+                generations=dict(report.generations),
+                peers_up=report.peers_up,
+                peers_expected=report.peers_expected,
+                stale_ike_sas=report.stale_ike_sas,
+                reauthenticated=report.reauthenticated,
+                last_error=report.last_error,
+                phase_done=state.rotating
+                and completed(report, state.phase, state.phase_serial, keyring.sent, set(live)),
+            )
+        nodes.append(entry)
+    due = (state.last_rotation or now) + policy.interval
+    return {
+        "active_generation": keyring.sent,
+        "generations": {
+            str(g.id): "sent" if g.id == keyring.sent else "accepted" for g in keyring.generations
+        },
+        "serial": keyring.serial,
+        "rotating": state.rotating,
+        "phase": state.phase,
+        "rotation": state.rotation,
+        "rotation_requested": bool(snapshot.request and snapshot.request != state.handled_request),
+        "last_rotation": state.last_rotation,
+        "next_rotation_due": due,
+        "waiting": sorted(
+            n
+            for n, r in live.items()
+            if state.rotating
+            and not completed(r, state.phase, state.phase_serial, keyring.sent, set(live))
+        ),
+        "expired": list(expired),
+        "absent": list(absent),
+        "history": [dict(h) for h in state.history],
+        "nodes": nodes,
+    }

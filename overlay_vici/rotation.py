@@ -1,0 +1,406 @@
+"""The master's pure core: from what it knows now, the next keyring and rotation state.
+
+No I/O and no clock: the caller passes the keyring and master state read from the
+Secret, the node list, the agents' reports and `now`, and publishes what `decide` returns.
+
+A rotation has three phases, each entered only when every *live* agent has applied the
+keyring that started the one before (see the README):
+
+    idle (A sent) -> stage (A sent, B accepted) -> switch (B sent, A accepted)
+         -> retire (B only) -> idle
+
+switch -> retire also needs every live agent to report its IKE_SAs reauthenticated after
+the switch (none stale, or stale only towards nodes whose agents are not live). An agent
+is live while its last report is younger than `Policy.agent_timeout`; an agent that is not
+(expired, or never reported) is listed and skipped: it does not block the mesh, and when
+it returns it loads whatever keyring is current and catches up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlay_vici import keyring as kr
+
+PHASES = ("idle", "stage", "switch", "retire")
+HISTORY = 5  # rotations kept in the master state, for `status` and the benchmark
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+CONN_PREFIX = "ov-"  # the agent names its connection to peer X "ov-X" (render.conn_name)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as the master sees it: name, InternalIP, and whether it opted out."""
+
+    name: str
+    ip: str | None
+    opted_out: bool = False
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What one agent last said (its status report, via a file or its Lease)."""
+
+    node: str
+    heartbeat: float  # when the agent wrote it (epoch seconds)
+    keyring_serial: int | None = None
+    sent_generation: int | None = None
+    generations: Mapping[str, str] = field(default_factory=dict)
+    reauthenticated: bool = False
+    stale_ike_sas: int = 0
+    stale_peers: tuple[str, ...] | None = None  # peer node names, if the agent says
+    peers_up: int = 0
+    peers_expected: int = 0
+    last_error: str | None = None
+
+    @classmethod
+    def from_status(cls, doc: Mapping[str, Any], node: str | None = None) -> AgentReport | None:
+        """Tolerant: a report the master cannot read is as good as none (not live)."""
+        name = doc.get("node", node)
+        updated = doc.get("updated")
+        if not isinstance(name, str) or not _number(updated):
+            return None
+        stale_peers = doc.get("stale_peers")
+        if isinstance(stale_peers, list):
+            stale_peers = tuple(
+                p.removeprefix(CONN_PREFIX) for p in stale_peers if isinstance(p, str)
+            )
+        else:
+            stale_peers = None
+        generations = doc.get("generations")
+        return cls(
+            node=name,
+            heartbeat=float(updated),
+            keyring_serial=_int_or_none(doc.get("keyring_serial")),
+            sent_generation=_int_or_none(doc.get("sent_generation")),
+            generations=dict(generations) if isinstance(generations, dict) else {},
+            reauthenticated=doc.get("reauthenticated") is True,
+            stale_ike_sas=_int_or_none(doc.get("stale_ike_sas")) or 0,
+            stale_peers=stale_peers,
+            peers_up=_int_or_none(doc.get("peers_up")) or 0,
+            peers_expected=_int_or_none(doc.get("peers_expected")) or 0,
+            last_error=doc.get("last_error") if isinstance(doc.get("last_error"), str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    interval: float = 24 * 3600.0  # seconds between rotations
+    agent_timeout: float = 90.0  # a report older than this: the agent is not live
+
+
+@dataclass(frozen=True)
+class MasterState:
+    """Master-only metadata, kept beside the keyring (master.json); agents never read it."""
+
+    phase: str = "idle"
+    rotation: int = 0  # rotations started so far
+    phase_serial: int = 0  # serial of the keyring that entered the current phase
+    last_rotation: float | None = None  # when the last rotation ended (or the mesh began)
+    handled_request: str | None = None  # the last on-demand request a rotation started for
+    expired: tuple[str, ...] = ()  # agents skipped, as last logged
+    # Per rotation: {"rotation": n, "stage": t, "switch": t, "retire": t, "idle": t}.
+    history: tuple[Mapping[str, float], ...] = ()
+
+    @property
+    def rotating(self) -> bool:
+        return self.phase != "idle"
+
+
+@dataclass(frozen=True)
+class Decision:
+    keyring: kr.Keyring
+    state: MasterState
+    changed: bool  # keyring or state differ from what was read: publish
+    waiting: tuple[str, ...]  # live agents the current phase still waits for
+    expired: tuple[str, ...]  # peers whose agent's report is too old: skipped
+    absent: tuple[str, ...]  # peers whose agent never reported: skipped
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()  # (log event, fields), no keys
+
+
+def dumps_state(state: MasterState) -> str:
+    doc = dataclasses.asdict(state)
+    doc["expired"] = list(state.expired)
+    doc["history"] = [dict(h) for h in state.history]
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def loads_state(text: str | bytes | None) -> MasterState | None:
+    """The master state, or None if missing or unreadable (then it is inferred)."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+        state = MasterState(
+            phase=doc["phase"],
+            rotation=int(doc["rotation"]),
+            phase_serial=int(doc["phase_serial"]),
+            last_rotation=_float_or_none(doc.get("last_rotation")),
+            handled_request=doc.get("handled_request"),
+            expired=tuple(doc.get("expired", ())),
+            history=tuple(dict(h) for h in doc.get("history", ())),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return state if state.phase in PHASES else None
+
+
+def phase_of(keyring: kr.Keyring) -> str | None:
+    """The phase a keyring's shape implies; one generation is idle or retire alike."""
+    ids = sorted(g.id for g in keyring.generations)
+    if len(ids) == 1:
+        return None
+    if len(ids) == 2:
+        return "stage" if keyring.sent == ids[0] else "switch"
+    return "invalid"
+
+
+def consistent(keyring: kr.Keyring, state: MasterState) -> MasterState:
+    """The state, or one inferred from the keyring if they disagree (e.g. a manual edit)."""
+    shape = phase_of(keyring)
+    if shape is None and state.phase in ("idle", "retire"):
+        return state
+    if shape == state.phase:
+        return state
+    # One generation: finish as a retire (wait for the acks). Two: the phase their roles show.
+    inferred = "retire" if shape is None else shape
+    if inferred == "invalid":
+        inferred = "switch"  # see _normalise: extra generations go at the next publish
+    return dataclasses.replace(state, phase=inferred, phase_serial=keyring.serial)
+
+
+def desired_peers(
+    nodes: Iterable[NodeInfo], current: Iterable[kr.Peer]
+) -> tuple[tuple[kr.Peer, ...], tuple[tuple[str, str], ...]]:
+    """Peers from the node list, sorted by name, and the nodes left out with why.
+
+    Left out: opted out, no InternalIP, not IPv4, invalid name, or an IP another node also
+    claims (the node already holding it in the keyring keeps it; otherwise neither gets it).
+    """
+    skipped: list[tuple[str, str]] = []
+    candidates: list[kr.Peer] = []
+    for node in nodes:
+        if node.opted_out:
+            skipped.append((node.name, "opted out"))
+        elif not _NODE_NAME.match(node.name) or len(node.name) > 253:
+            skipped.append((node.name, "invalid node name"))
+        elif not node.ip:
+            skipped.append((node.name, "no InternalIP"))
+        elif not _ipv4(node.ip):
+            skipped.append((node.name, f"InternalIP {node.ip} is not IPv4"))
+        else:
+            candidates.append(kr.Peer(node.name, str(ipaddress.ip_address(node.ip))))
+    holders = {p.ip: p.name for p in current}
+    by_ip: dict[str, list[kr.Peer]] = {}
+    for peer in candidates:
+        by_ip.setdefault(peer.ip, []).append(peer)
+    peers: list[kr.Peer] = []
+    for ip, claimants in by_ip.items():
+        if len(claimants) == 1:
+            peers.extend(claimants)
+            continue
+        keeper = next((p for p in claimants if holders.get(ip) == p.name), None)
+        if keeper:
+            peers.append(keeper)
+        skipped.extend(
+            (p.name, f"InternalIP {ip} is claimed twice") for p in claimants if p != keeper
+        )
+    return tuple(sorted(peers, key=lambda p: p.name)), tuple(sorted(skipped))
+
+
+def classify(
+    peers: Iterable[kr.Peer], reports: Mapping[str, AgentReport], now: float, policy: Policy
+) -> tuple[dict[str, AgentReport], tuple[str, ...], tuple[str, ...]]:
+    """Live reports of the peers' agents, and the peers whose agents are expired or absent."""
+    live: dict[str, AgentReport] = {}
+    expired: list[str] = []
+    absent: list[str] = []
+    for peer in peers:
+        report = reports.get(peer.name)
+        if report is None:
+            absent.append(peer.name)
+        elif now - report.heartbeat > policy.agent_timeout:
+            expired.append(peer.name)
+        else:
+            live[peer.name] = report
+    return live, tuple(expired), tuple(absent)
+
+
+def completed(
+    report: AgentReport, phase: str, phase_serial: int, sent: int, live: set[str]
+) -> bool:
+    """Has this agent finished the current phase? `live`: the peers whose agents are live."""
+    if report.keyring_serial is None or report.keyring_serial < phase_serial:
+        return False
+    if phase != "switch":
+        return True
+    if report.sent_generation != sent:
+        return False
+    if report.reauthenticated:
+        return True
+    # Stale IKE_SAs only towards nodes whose agents are not live (expired, absent, or no
+    # longer peers) do not hold the mesh back: those agents catch up when they return.
+    return report.stale_peers is not None and not set(report.stale_peers) & live
+
+
+def rotation_due(state: MasterState, now: float, policy: Policy, request: str | None) -> str | None:
+    """Why a rotation should start now, or None."""
+    if request and request != state.handled_request:
+        return "requested"
+    if state.last_rotation is not None and now - state.last_rotation >= policy.interval:
+        return "interval"
+    return None
+
+
+def decide(
+    keyring: kr.Keyring | None,
+    state: MasterState | None,
+    nodes: Iterable[NodeInfo] | None,
+    reports: Mapping[str, AgentReport],
+    now: float,
+    policy: Policy,
+    request: str | None = None,
+) -> Decision:
+    """The next keyring and master state. At most one phase change per call.
+
+    `nodes` None means the node list is not known yet: the peer list is kept as it is.
+    A new keyring (new peers and/or a phase change) always gets serial + 1.
+    """
+    events: list[tuple[str, dict[str, Any]]] = []
+    if keyring is None:
+        peers, skipped = desired_peers(nodes or (), ())
+        created = kr.create(list(peers))
+        events.append(("keyring created", {"serial": 1, "generation": 1, "peers": len(peers)}))
+        events.extend(("node skipped", {"node": n, "reason": r}) for n, r in skipped)
+        fresh = MasterState(phase_serial=1, last_rotation=now)
+        return Decision(created, fresh, True, (), (), tuple(p.name for p in peers), tuple(events))
+
+    original_state = state
+    if state is None:
+        # One generation may be a retire not yet acknowledged: finish it as one.
+        state = MasterState(phase="retire", phase_serial=keyring.serial, last_rotation=now)
+        events.append(("master state missing, inferred from the keyring", {}))
+    state = consistent(keyring, state)
+    if original_state is not None and state.phase != original_state.phase:
+        events.append(
+            (
+                "master state disagreed with the keyring",
+                {"was": original_state.phase, "now": state.phase},
+            )
+        )
+
+    generations, sent = _normalise(keyring)
+    peers = keyring.peers
+    if nodes is not None:
+        peers, skipped = desired_peers(nodes, keyring.peers)
+        if peers != keyring.peers:
+            old = {p.name: p.ip for p in keyring.peers}
+            new = {p.name: p.ip for p in peers}
+            events.append(
+                (
+                    "peer list changed",
+                    {
+                        "joined": sorted(set(new) - set(old)),
+                        "left": sorted(set(old) - set(new)),
+                        "moved": sorted(n for n in set(new) & set(old) if new[n] != old[n]),
+                        "skipped": [f"{n}: {r}" for n, r in skipped],
+                    },
+                )
+            )
+
+    live, expired, absent = classify(peers, reports, now, policy)
+    not_live = set(expired) | set(absent)
+    if expired != state.expired:
+        for name in sorted(set(expired) - set(state.expired)):
+            events.append(("agent expired, not waiting for it", {"node": name}))
+        for name in sorted(set(state.expired) - set(expired)):
+            events.append(("agent back or gone", {"node": name}))
+        state = dataclasses.replace(state, expired=expired)
+
+    waiting: tuple[str, ...] = ()
+    next_state = state
+    if state.phase == "idle":
+        why = rotation_due(state, now, policy, request)
+        if why:
+            new_id = max(g.id for g in generations) + 1
+            generations = (*generations, kr.Generation(new_id, kr.new_generation_key()))
+            handled = request if why == "requested" else state.handled_request
+            next_state = dataclasses.replace(
+                state,
+                phase="stage",
+                rotation=state.rotation + 1,
+                handled_request=handled,
+                history=(*state.history, {"rotation": state.rotation + 1, "stage": now})[-HISTORY:],
+            )
+            events.append(
+                ("rotation started", {"rotation": state.rotation + 1, "reason": why, "new": new_id})
+            )
+    else:
+        waiting = tuple(
+            name
+            for name, report in sorted(live.items())
+            if not completed(report, state.phase, state.phase_serial, sent, set(live))
+        )
+        if not waiting:
+            nxt = PHASES[(PHASES.index(state.phase) + 1) % len(PHASES)]
+            newest = max(g.id for g in generations)
+            if nxt == "switch":
+                sent = newest
+            elif nxt == "retire":
+                generations = tuple(g for g in generations if g.id == sent)
+            history = state.history
+            if history and history[-1].get("rotation") == state.rotation:
+                history = (*history[:-1], {**history[-1], nxt: now})
+            next_state = dataclasses.replace(
+                state,
+                phase=nxt,
+                history=history,
+                last_rotation=now if nxt == "idle" else state.last_rotation,
+            )
+            fields: dict[str, Any] = {"rotation": state.rotation, "sent": sent}
+            if not_live:
+                fields["skipped"] = sorted(not_live)
+            events.append((f"rotation phase {nxt}" if nxt != "idle" else "rotation done", fields))
+
+    new_keyring = keyring
+    if (generations, sent, peers) != (keyring.generations, keyring.sent, keyring.peers):
+        new_keyring = kr.Keyring(keyring.serial + 1, sent, generations, peers)
+    if next_state.phase != state.phase:
+        next_state = dataclasses.replace(next_state, phase_serial=new_keyring.serial)
+        waiting = tuple(sorted(live)) if next_state.phase != "idle" else ()
+    changed = new_keyring is not keyring or next_state != original_state
+    return Decision(new_keyring, next_state, changed, waiting, expired, absent, tuple(events))
+
+
+def _normalise(keyring: kr.Keyring) -> tuple[tuple[kr.Generation, ...], int]:
+    """Generations sorted by id; more than two (a manual edit) keep the sent one and the newest."""
+    generations = tuple(sorted(keyring.generations, key=lambda g: g.id))
+    if len(generations) > 2:
+        keep = {keyring.sent, generations[-1].id}
+        generations = tuple(g for g in generations if g.id in keep)
+    return generations, keyring.sent
+
+
+def _ipv4(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).version == 4
+    except ValueError:
+        return False
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if _number(value) else None

@@ -1,0 +1,299 @@
+"""A small in-process kube-apiserver for tests: the subset the master and agents use.
+
+Nodes (cluster-scoped), Secrets and Leases (namespaced), over real HTTP on 127.0.0.1 so
+that the official `kubernetes` client talks to it unmodified. What it keeps of the real
+semantics: a global resourceVersion; 409 Conflict on a PUT whose resourceVersion is stale
+and on a POST of an existing name; 404; labelSelector (k=v, k!=v, k, !k); watch with
+resourceVersion and timeoutSeconds, chunked JSON lines, and a 410 Gone ERROR event for a
+resourceVersion older than the retained history (`compact()` drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+ROUTES = [
+    (re.compile(r"^/api/v1/nodes(?:/([^/]+))?$"), "nodes", "v1", "Node", False),
+    (
+        re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+))?$"),
+        "secrets",
+        "v1",
+        "Secret",
+        True,
+    ),
+    (
+        re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/leases(?:/([^/]+))?$"),
+        "leases",
+        "coordination.k8s.io/v1",
+        "Lease",
+        True,
+    ),
+]
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def matches(selector: str | None, labels: dict[str, str]) -> bool:
+    for term in filter(None, (selector or "").split(",")):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term.strip() not in labels:
+            return False
+    return True
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.RLock())
+        self.rv = 0
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.events: list[tuple[int, str, str, str, dict[str, Any]]] = []  # rv, res, ns, type, obj
+        self.oldest = 0  # watches from a resourceVersion below this get 410 Gone
+        self.before_write: Callable[[str, str, str], None] | None = None  # method, resource, name
+        self.writes: list[tuple[str, str, str, int]] = []  # method, resource, name, HTTP code
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeKube:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # The store, also used directly by tests (as another client would through the API).
+    def get(self, resource: str, name: str, ns: str = "") -> dict[str, Any] | None:
+        with self.cond:
+            obj = self.objects.get((resource, ns, name))
+            return json.loads(json.dumps(obj)) if obj else None
+
+    def apply(self, resource: str, obj: dict[str, Any], ns: str = "") -> dict[str, Any]:
+        """Create or overwrite, unconditionally (a test's out-of-band writer)."""
+        with self.cond:
+            exists = (resource, ns, obj["metadata"]["name"]) in self.objects
+            return self._store(resource, ns, obj, "MODIFIED" if exists else "ADDED")
+
+    def delete(self, resource: str, name: str, ns: str = "") -> dict[str, Any] | None:
+        with self.cond:
+            obj = self.objects.pop((resource, ns, name), None)
+            if obj is not None:
+                self.rv += 1
+                self._event(resource, ns, "DELETED", obj)
+            return obj
+
+    def node(self, name: str, ip: str | None, labels: dict[str, str] | None = None) -> None:
+        addresses = [{"type": "Hostname", "address": name}]
+        if ip:
+            addresses.append({"type": "InternalIP", "address": ip})
+        self.apply(
+            "nodes",
+            {
+                "metadata": {"name": name, "labels": labels or {}},
+                "status": {"addresses": addresses},
+            },
+        )
+
+    def compact(self) -> None:
+        """Forget the event history: older watches must relist (410 Gone)."""
+        with self.cond:
+            self.events.clear()
+            self.oldest = self.rv + 1
+
+    def _store(self, resource: str, ns: str, obj: dict[str, Any], kind: str) -> dict[str, Any]:
+        self.rv += 1
+        meta = obj.setdefault("metadata", {})
+        old = self.objects.get((resource, ns, meta["name"]), {}).get("metadata", {})
+        meta.update(
+            resourceVersion=str(self.rv),
+            uid=old.get("uid", str(uuid.uuid4())),
+            creationTimestamp=old.get("creationTimestamp", _now()),
+        )
+        if ns:
+            meta["namespace"] = ns
+        route = next(r for r in ROUTES if r[1] == resource)
+        obj["apiVersion"], obj["kind"] = route[2], route[3]
+        self.objects[resource, ns, meta["name"]] = obj
+        self._event(resource, ns, kind, obj)
+        return json.loads(json.dumps(obj))
+
+    def _event(self, resource: str, ns: str, kind: str, obj: dict[str, Any]) -> None:
+        self.events.append((self.rv, resource, ns, kind, json.loads(json.dumps(obj))))
+        self.cond.notify_all()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def _route(self) -> tuple[str, str, str | None, dict[str, list[str]]] | None:
+            url = urlparse(self.path)
+            for pattern, resource, _, _, namespaced in ROUTES:
+                match = pattern.match(url.path)
+                if match:
+                    ns, name = (match[1], match[2]) if namespaced else ("", match[1])
+                    return resource, ns, name, parse_qs(url.query)
+            self._send(404, status(404, "NotFound", f"no route {url.path}"))
+            return None
+
+        def _send(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict[str, Any]:
+            return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+        def do_GET(self) -> None:
+            route = self._route()
+            if route is None:
+                return
+            resource, ns, name, query = route
+            if name:
+                obj = kube.get(resource, name, ns)
+                if obj is None:
+                    return self._send(
+                        404, status(404, "NotFound", f'{resource} "{name}" not found')
+                    )
+                return self._send(200, obj)
+            selector = query.get("labelSelector", [None])[0]
+            if query.get("watch", ["false"])[0] in ("true", "1"):
+                return self._watch(resource, ns, selector, query)
+            with kube.cond:
+                items = [
+                    o
+                    for (r, n, _), o in sorted(kube.objects.items())
+                    if r == resource
+                    and n == ns
+                    and matches(selector, o["metadata"].get("labels") or {})
+                ]
+                body = {
+                    "kind": "List",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(kube.rv)},
+                    "items": items,
+                }
+                self._send(200, json.loads(json.dumps(body)))
+
+        def _watch(self, resource: str, ns: str, selector: str | None, query: dict) -> None:
+            since = int(query.get("resourceVersion", ["0"])[0] or 0)
+            deadline = time.monotonic() + float(query.get("timeoutSeconds", ["30"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            with kube.cond:
+                if since and since < kube.oldest - 1:
+                    gone = status(410, "Expired", f"too old resource version: {since}")
+                    self._chunk({"type": "ERROR", "object": gone})
+                    return self._chunk(None)
+                if not since:  # like the real server: the current state first, as ADDED
+                    for (r, n, _), obj in sorted(kube.objects.items()):
+                        if r == resource and n == ns:
+                            self._chunk({"type": "ADDED", "object": obj})
+                    since = kube.rv
+                while (left := deadline - time.monotonic()) > 0:
+                    for rv, r, n, kind, obj in kube.events:
+                        labels = obj["metadata"].get("labels") or {}
+                        if rv > since and r == resource and n == ns and matches(selector, labels):
+                            self._chunk({"type": kind, "object": obj})
+                    since = kube.rv
+                    kube.cond.wait(min(left, 0.5))
+            self._chunk(None)
+
+        def _chunk(self, event: dict[str, Any] | None) -> None:
+            data = (json.dumps(event) + "\n").encode() if event else b""
+            try:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            except OSError:
+                pass
+
+        def _write(self, method: str) -> None:
+            route = self._route()
+            if route is None:
+                return
+            resource, ns, name, _ = route
+            body = self._body()
+            name = name or body.get("metadata", {}).get("name", "")
+            if kube.before_write:
+                kube.before_write(method, resource, name)
+            with kube.cond:
+                current = kube.objects.get((resource, ns, name))
+                wanted = body.get("metadata", {}).get("resourceVersion")
+                if method == "POST" and current is not None:
+                    code, reply = (
+                        409,
+                        status(409, "AlreadyExists", f'{resource} "{name}" already exists'),
+                    )
+                elif method == "PUT" and current is None:
+                    code, reply = 404, status(404, "NotFound", f'{resource} "{name}" not found')
+                elif (
+                    method == "PUT" and wanted and wanted != current["metadata"]["resourceVersion"]
+                ):
+                    message = f'cannot update {resource} "{name}": the object has been modified'
+                    code, reply = 409, status(409, "Conflict", message)
+                else:
+                    code = 201 if method == "POST" else 200
+                    reply = kube._store(
+                        resource, ns, body, "ADDED" if method == "POST" else "MODIFIED"
+                    )
+                kube.writes.append((method, resource, name, code))
+            self._send(code, reply)
+
+        def do_POST(self) -> None:
+            self._write("POST")
+
+        def do_PUT(self) -> None:
+            self._write("PUT")
+
+        def do_DELETE(self) -> None:
+            route = self._route()
+            if route is None:
+                return
+            resource, ns, name, _ = route
+            obj = kube.delete(resource, name or "", ns)
+            if obj is None:
+                return self._send(404, status(404, "NotFound", f'{resource} "{name}" not found'))
+            self._send(200, obj)
+
+    return Handler

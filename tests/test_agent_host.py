@@ -1,0 +1,583 @@
+"""The agent against a real charon 5.9.8 on this host (no kernel SAs needed).
+
+Each test starts its own charon with the rendered strongswan.conf, in private mount and
+network namespaces: charon's pid file is hard-coded to /var/run/charon.pid (so two
+charons cannot share a /run) and its trap policies then stay out of the host's XFRM
+tables. The agent is driven through Agent.step() (or Agent.run() for the watcher path)
+and charon's state is checked over a separate VICI session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vici
+from keyring_fixtures import build_keyring, node_ip
+
+from overlay_vici.agent import Agent, AgentConfig
+from overlay_vici.charon import Charon
+from overlay_vici.files import KEYRING_FILE, publish_secret
+from overlay_vici.keyring import Keyring, dumps
+from overlay_vici.render import Settings, conn_name, secret_id, strongswan_conf
+
+CHARON = "/usr/lib/ipsec/charon"
+NODE = "node-0"
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHARON) and shutil.which("unshare") and os.geteuid() == 0),
+    reason="needs strongSwan's charon, unshare and root (private namespaces per charon)",
+)
+
+
+@dataclass
+class CharonProcess:
+    """One charon in its own namespaces, reachable over VICI at `socket`."""
+
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "charon.vici"
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        conf = self.dir / "strongswan.conf"
+        conf.write_text(strongswan_conf(str(self.socket), log_file=str(self.dir / "charon.log")))
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--fork", "--kill-child=SIGKILL", "sh", "-c",
+             f"mount -t tmpfs tmpfs /run && exec {CHARON}"],
+            env={**os.environ, "STRONGSWAN_CONF": str(conf)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"charon exited with {self.proc.returncode}")
+            try:
+                with self.session() as session:
+                    session.request("stats")
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("charon's VICI socket did not come up within 10 s")
+
+    def kill(self) -> None:
+        """SIGKILL charon's process group, then wait until its socket refuses connections.
+
+        unshare may exit a moment before charon has died, and until then the kernel still
+        queues connections on charon's listening socket.
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(self.socket))
+            except (ConnectionRefusedError, FileNotFoundError):
+                return
+            finally:
+                probe.close()
+            time.sleep(0.02)
+        raise RuntimeError("charon's VICI socket still accepts connections after SIGKILL")
+
+    @contextmanager
+    def session(self) -> Iterator[vici.Session]:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        try:
+            sock.connect(str(self.socket))
+            yield vici.Session(sock)
+        finally:
+            sock.close()
+
+    def state(self) -> tuple[set[str], set[str]]:
+        """charon's loaded connection names and shared key ids, over our own session."""
+        with self.session() as session:
+            conns = {c.decode() for c in session.request("get-conns")["conns"]}
+            keys = {k.decode() for k in session.request("get-shared")["keys"]}
+        return conns, keys
+
+    def conn_details(self, name: str) -> dict[str, Any]:
+        with self.session() as session:
+            for conn in session.list_conns({"ike": name}):
+                if name in conn:
+                    return conn[name]
+        raise KeyError(name)
+
+
+@pytest.fixture
+def charon() -> Iterator[CharonProcess]:
+    work = Path(tempfile.mkdtemp(prefix="ov-charon-"))  # short: AF_UNIX paths max 107 bytes
+    process = CharonProcess(work)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class RecordingCharon(Charon):
+    """The product's VICI edge, recording each request it makes (names and messages)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri, timeout=10)
+        self.log: list[tuple[str, dict[str, Any] | None]] = []
+
+    def request(self, command: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.log.append((command, message))
+        return super().request(command, message)
+
+    def _streamed(
+        self, command: str, event: str, message: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        self.log.append((command, message))
+        return super()._streamed(command, event, message)
+
+
+@dataclass
+class Harness:
+    agent: Agent
+    charon: RecordingCharon
+    keys: Path
+    status: Path
+
+    def publish(self, keyring: Keyring | str | bytes) -> None:
+        text = dumps(keyring) if isinstance(keyring, Keyring) else keyring
+        if isinstance(text, bytes):
+            text = text.decode("latin-1")
+        publish_secret(self.keys, {KEYRING_FILE: text})
+
+    def step(self) -> list[str]:
+        """One Agent.step(); returns the VICI commands it sent, in order."""
+        before = len(self.charon.log)
+        self.agent.step()
+        return [command for command, _ in self.charon.log[before:]]
+
+    def status_doc(self) -> dict[str, Any]:
+        return json.loads(self.status.read_text())
+
+
+def expected(keyring: Keyring) -> tuple[set[str], set[str]]:
+    peers = [p.name for p in keyring.peers if p.name != NODE]
+    return (
+        {conn_name(p) for p in peers},
+        {secret_id(p, g.id) for p in peers for g in keyring.generations},
+    )
+
+
+@pytest.fixture
+def harness(charon: CharonProcess, tmp_path: Path) -> Iterator[Harness]:
+    recording = RecordingCharon(charon.uri)
+    config = AgentConfig(
+        node=NODE,
+        secret_dir=tmp_path / "keys",
+        settings=Settings(),
+        conf_out=tmp_path / "swanctl.conf",
+        status_path=tmp_path / "status.json",
+        resync_seconds=60,
+    )
+    yield Harness(Agent(config, recording), recording, tmp_path / "keys", tmp_path / "status.json")
+    recording.close()
+
+
+def assert_one_sentence(message: str | None) -> None:
+    assert message
+    assert "\n" not in message
+    assert not re.search(r"[.!?]\s+[A-Z]", message), message
+
+
+QUERIES = ["get-conns", "get-shared"]
+
+
+# --- steady state -------------------------------------------------------------------------
+
+
+def test_steady_state_never_resends_everything(charon: CharonProcess, tmp_path: Path) -> None:
+    """Many passes with nothing changed send no load at all, only the queries.
+
+    Regression: the agent used to take any change of charon's `stats` uptime "since" as a
+    restart; that value jitters by one second twice a second (wall clock minus monotonic
+    uptime, both truncated), so a random share of passes reloaded every key and conn.
+    """
+    recording = RecordingCharon(charon.uri)
+    agent = Agent(AgentConfig(NODE, tmp_path / "keys", Settings(), resync_seconds=60), recording)
+    publish_secret(tmp_path / "keys", {KEYRING_FILE: dumps(build_keyring(20))})
+    agent.step()
+    reloads = 0
+    deadline = time.monotonic() + 2.2
+    while time.monotonic() < deadline:
+        before = len(recording.log)
+        agent.step()
+        reloads += any(c.startswith("load") for c, _ in recording.log[before:])
+        time.sleep(0.01)
+    recording.close()
+    assert reloads == 0, f"{reloads} steps reloaded all 60 messages with nothing changed"
+
+
+# --- first load, additions, removals -------------------------------------------------------
+
+
+def test_first_step_loads_exactly_the_keyring(harness: Harness, charon: CharonProcess) -> None:
+    """An empty charon ends up with one conn per peer and a key per peer and generation."""
+    keyring = build_keyring(4, generations=(1, 2))
+    harness.publish(keyring)
+    commands = harness.step()
+    assert harness.agent.last_error is None
+    assert charon.state() == expected(keyring)
+    # Node 0 has the lowest IP, so it brings every connection up at once.
+    assert commands == [
+        *QUERIES,
+        *["load-shared"] * 6,
+        *["load-conn"] * 3,
+        *["initiate"] * 3,
+        "list-sas",
+    ]
+    status = harness.status_doc()
+    assert status["last_error"] is None and status["keyring_serial"] == 1
+    assert status["peers_expected"] == 3 and status["generations"] == {"1": "sent", "2": "accepted"}
+
+
+def test_loaded_connection_is_what_the_template_says(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """charon's own view of a loaded conn: pinned addresses, IKEv2, one transport child."""
+    harness.publish(build_keyring(3))
+    harness.step()
+    conn = charon.conn_details("ov-node-2")
+    assert conn["local_addrs"] == [node_ip(0).encode()]
+    assert conn["remote_addrs"] == [node_ip(2).encode()]
+    assert conn["version"] == b"IKEv2"
+    (child,) = conn["children"].values()
+    assert child["mode"] == b"TRANSPORT"
+    assert child["local-ts"] == child["remote-ts"] == [b"dynamic[ipencap]"]
+
+
+def test_second_step_in_sync_sends_nothing(harness: Harness) -> None:
+    """Nothing changed: only the three queries and list-sas, no load or unload."""
+    harness.publish(build_keyring(5))
+    harness.step()
+    assert harness.step() == [*QUERIES, "list-sas"]
+
+
+def _add_one_peer_cost(harness: Harness, peers: int) -> tuple[int, list[str]]:
+    harness.publish(build_keyring(peers, serial=peers))
+    harness.step()
+    harness.publish(build_keyring(peers + 1, serial=peers + 1))
+    before = harness.charon.messages
+    commands = harness.step()
+    return harness.charon.messages - before, commands
+
+
+def test_adding_a_peer_costs_constant_messages(harness: Harness, charon: CharonProcess) -> None:
+    """One new peer is one load-conn and its keys, the same count at 10 and at 200 peers."""
+    small, small_commands = _add_one_peer_cost(harness, 10)
+    assert charon.state() == expected(build_keyring(11))
+    large, large_commands = _add_one_peer_cost(harness, 200)
+    assert charon.state() == expected(build_keyring(201))
+    assert small == large == len(small_commands) == len(QUERIES) + 5
+    assert small_commands == large_commands == [
+        *QUERIES, "load-shared", "load-shared", "load-conn", "initiate", "list-sas",
+    ]  # fmt: skip
+    assert harness.agent.last_error is None
+
+
+def test_removing_a_peer_unloads_it(harness: Harness, charon: CharonProcess) -> None:
+    """A peer gone from the keyring loses its conn and keys; nothing else is touched."""
+    harness.publish(build_keyring(6))
+    harness.step()
+    smaller = build_keyring((0, 1, 2, 4, 5), serial=2)
+    harness.publish(smaller)
+    commands = harness.step()
+    assert charon.state() == expected(smaller)
+    loads = [c for c in commands if c.startswith(("load", "unload"))]
+    assert loads == ["unload-conn", "unload-shared", "unload-shared"]
+    assert harness.agent.last_error is None
+
+
+def test_operator_connections_and_keys_survive(harness: Harness, charon: CharonProcess) -> None:
+    """An operator's own conn and key (no ov- prefix) stay loaded through add and remove."""
+    with charon.session() as session:
+        session.load_conn({"site": {"remote_addrs": ["192.0.2.9"], "local": {"auth": "psk"}}})
+        session.load_shared({"id": "ike-site", "type": "ike", "data": "s", "owners": ["x"]})
+    harness.publish(build_keyring(3))
+    harness.step()
+    harness.publish(build_keyring(2, serial=2))
+    harness.step()
+    conns, keys = charon.state()
+    assert conns == {"site", "ov-node-1"}
+    assert keys == {"ike-site", secret_id("node-1", 1), secret_id("node-1", 2)}
+
+
+def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -> None:
+    """Switching sent 1 -> 2 resends every key (owners swap roles) and no connection."""
+    harness.publish(build_keyring(4, generations=(1, 2), sent=1))
+    harness.step()
+    harness.publish(build_keyring(4, generations=(1, 2), sent=2, serial=2))
+    before = len(harness.charon.log)
+    messages_before = harness.charon.messages
+    harness.step()
+    sent = harness.charon.log[before:]
+    assert harness.charon.messages - messages_before == len(QUERIES) + 6 + 1
+    loads = {m["id"]: m["owners"] for c, m in sent if c == "load-shared" and m}
+    assert set(loads) == {secret_id(f"node-{i}", g) for i in (1, 2, 3) for g in (1, 2)}
+    for i in (1, 2, 3):
+        assert loads[secret_id(f"node-{i}", 2)] == [node_ip(0), node_ip(i)]
+        assert loads[secret_id(f"node-{i}", 1)] == [node_ip(i)]
+    assert not any(c == "load-conn" for c, _ in sent)
+    assert harness.status_doc()["generations"] == {"1": "accepted", "2": "sent"}
+
+
+def test_dotted_node_names_load_over_vici(harness: Harness, charon: CharonProcess) -> None:
+    """Node names with dots (common in clouds) load fine over VICI, unlike via swanctl."""
+    keyring = build_keyring(3)
+    dotted = Keyring(
+        1,
+        keyring.sent,
+        keyring.generations,
+        tuple(type(p)(p.name if p.name == NODE else f"{p.name}.internal", p.ip)
+              for p in keyring.peers),
+    )  # fmt: skip
+    harness.publish(dotted)
+    harness.step()
+    assert harness.agent.last_error is None
+    assert charon.state() == expected(dotted)
+
+
+def test_conf_out_holds_the_rendered_file_mode_0600(harness: Harness, tmp_path: Path) -> None:
+    """--conf-out gets the swanctl.conf the agent loaded, readable by root only."""
+    harness.publish(build_keyring(3))
+    harness.step()
+    conf = tmp_path / "swanctl.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert "ov-node-2 {" in conf.read_text()
+
+
+def test_charon_refusing_a_conn_is_reported_and_retried(
+    charon: CharonProcess, tmp_path: Path
+) -> None:
+    """A proposal charon cannot parse: keys load, each refused conn is named in last_error,
+    the keyring is not marked applied, and the next step tries those conns again."""
+    recording = RecordingCharon(charon.uri)
+    settings = Settings(ike_proposals="nosuchcipher-sha256")
+    agent = Agent(AgentConfig(NODE, tmp_path / "keys", settings), recording)
+    keyring = build_keyring(3)
+    publish_secret(tmp_path / "keys", {KEYRING_FILE: dumps(keyring)})
+    agent.step()
+    assert agent.last_error is not None
+    assert agent.last_error.startswith("charon refused load-conn for ov-node-1: ")
+    assert "ov-node-2" in agent.last_error
+    assert charon.state() == (set(), expected(keyring)[1])
+    assert agent.applied is None and agent.status()["keyring_serial"] is None
+    before = len(recording.log)
+    agent.step()
+    assert [c for c, _ in recording.log[before:]].count("load-conn") == 2
+    recording.close()
+
+
+# --- bad keyrings keep charon as it was -------------------------------------------------------
+
+
+def _bad(kind: str, good: Keyring) -> str | bytes:
+    text = dumps(good)
+    return {
+        "garbage": "\x00\x01 this is not json \xff",
+        "truncated": text[: len(text) // 3],
+        "10 MB": text + " " * (10 * 1024 * 1024),
+        "missing node": dumps(build_keyring((1, 2, 3), serial=5)),
+        "wrong version": text.replace('"version": 1', '"version": 7'),
+        "empty": "",
+    }[kind]
+
+
+BAD_CASES = {
+    "garbage": "keyring is not valid JSON",
+    "truncated": "keyring is not valid JSON",
+    "10 MB": "over the 1048576-byte limit",
+    "missing node": "node node-0 is not in the keyring's peer list",
+    "wrong version": "keyring format version 7 is not supported",
+    "empty": "keyring is empty",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CASES))
+def test_bad_keyring_is_one_sentence_and_charon_unchanged(
+    harness: Harness, charon: CharonProcess, kind: str
+) -> None:
+    """A rejected keyring: last_error says why in one sentence, charon keeps the last good."""
+    good = build_keyring(4)
+    harness.publish(good)
+    harness.step()
+    state = charon.state()
+    harness.publish(_bad(kind, good))
+    commands = harness.step()
+    error = harness.agent.last_error
+    assert error is not None and BAD_CASES[kind] in error
+    assert error.endswith("keeping keyring serial 1")
+    assert_one_sentence(error)
+    assert harness.status_doc()["last_error"] == error
+    assert commands == [*QUERIES, "list-sas"]
+    assert charon.state() == state == expected(good)
+    harness.publish(build_keyring(5, serial=2))
+    harness.step()
+    assert harness.agent.last_error is None
+    assert charon.state() == expected(build_keyring(5))
+
+
+def test_missing_keyring_file_is_reported(harness: Harness, charon: CharonProcess) -> None:
+    """No keyring.json yet: one sentence naming the directory; nothing is sent to charon."""
+    harness.keys.mkdir()
+    assert harness.step() == []
+    assert harness.agent.last_error is not None
+    assert f"no keyring.json in {harness.keys}" in harness.agent.last_error
+    assert charon.state() == (set(), set())
+
+
+def test_oversize_keyring_error_states_the_true_size(harness: Harness) -> None:
+    """BUG: read_keyring_bytes reads limit+1 bytes, so a 10 MB file is reported as 1048577 bytes."""
+    harness.publish(build_keyring(2))
+    harness.step()
+    harness.publish(_bad("10 MB", build_keyring(2)))
+    harness.step()
+    assert "1048577 bytes" not in (harness.agent.last_error or "")
+
+
+def test_first_keyring_error_does_not_say_serial_none(harness: Harness) -> None:
+    """BUG: with no good keyring yet the error ends "keeping keyring serial None"."""
+    harness.publish("{")
+    harness.step()
+    assert "serial None" not in (harness.agent.last_error or "")
+
+
+@pytest.mark.parametrize("kind", ["deep nesting", "huge integer"])
+def test_hostile_keyring_does_not_crash_the_agent(harness: Harness, kind: str) -> None:
+    """BUG: loads() lets RecursionError / ValueError escape; step() then raises and kills run()."""
+    harness.publish(build_keyring(3))
+    harness.step()
+    harness.publish("[" * 100_000 if kind == "deep nesting" else '{"serial": ' + "7" * 5000 + "}")
+    harness.step()
+    assert harness.agent.last_error is not None
+
+
+# --- charon loses its state ------------------------------------------------------------------
+
+
+def test_swanctl_load_all_wipe_is_restored(harness: Harness, charon: CharonProcess) -> None:
+    """`swanctl --load-all` with an empty file unloads everything; the next step restores it."""
+    keyring = build_keyring(4)
+    harness.publish(keyring)
+    harness.step()
+    empty = charon.dir / "empty-swanctl.conf"
+    empty.write_text("")
+    subprocess.run(
+        ["swanctl", "--load-all", "--noprompt", "--file", str(empty), "--uri", charon.uri],
+        capture_output=True,
+        check=True,
+        timeout=20,
+    )
+    assert charon.state() == (set(), set())
+    commands = harness.step()
+    assert charon.state() == expected(keyring)
+    assert commands.count("load-conn") == 3 and commands.count("load-shared") == 6
+    assert harness.agent.last_error is None
+
+
+def test_charon_restart_is_reported_then_restored(harness: Harness, charon: CharonProcess) -> None:
+    """While charon is down last_error says so; after its restart everything is reloaded."""
+    keyring = build_keyring(4)
+    harness.publish(keyring)
+    harness.step()
+    charon.kill()
+    wait = harness.agent.step()
+    error = harness.agent.last_error
+    assert error is not None and str(charon.socket) in error
+    assert_one_sentence(error)
+    assert harness.status_doc()["last_error"] == error
+    assert harness.status_doc()["charon_connected"] is False
+    assert wait <= 1.0, "the agent retries with a short backoff, not the resync interval"
+    harness.agent.step()
+    assert "cannot reach charon's VICI socket" in (harness.agent.last_error or "")
+    charon.start()
+    assert charon.state() == (set(), set())
+    harness.agent.step()
+    assert harness.agent.last_error is None
+    assert charon.state() == expected(keyring)
+    assert harness.status_doc()["charon_connected"] is True
+
+
+def test_restart_between_steps_recovers_within_two_steps(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """charon restarted unseen: the stale session fails one step, the next reloads all."""
+    keyring = build_keyring(3)
+    harness.publish(keyring)
+    harness.step()
+    charon.kill()
+    charon.start()
+    harness.agent.step()
+    if harness.agent.last_error is not None:
+        assert "dropped" in harness.agent.last_error
+        harness.agent.step()
+    assert harness.agent.last_error is None
+    assert charon.state() == expected(keyring)
+
+
+# --- the watcher path --------------------------------------------------------------------------
+
+
+def test_run_reacts_to_a_republished_secret_without_waiting_for_resync(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """Agent.run() wakes on kubelet's ..data swap: a new peer is loaded in seconds, not 60 s."""
+    harness.publish(build_keyring(3))
+    stop = threading.Event()
+    thread = threading.Thread(target=harness.agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert _eventually(lambda: charon.state() == expected(build_keyring(3)), 5)
+        published = time.monotonic()
+        harness.publish(build_keyring(4, serial=2))
+        assert _eventually(lambda: charon.state() == expected(build_keyring(4)), 5)
+        assert time.monotonic() - published < 5
+        harness.publish(build_keyring(2, serial=3))
+        assert _eventually(lambda: charon.state() == expected(build_keyring(2)), 5)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert harness.agent.last_error is None
+
+
+def _eventually(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())

@@ -1,0 +1,200 @@
+"""The command line: mtu, render previews, help, and one-sentence errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from keyring_fixtures import build_keyring
+
+from overlay_vici.cli import main
+from overlay_vici.files import KEYRING_FILE, publish_secret, read_keyring
+from overlay_vici.keyring import dumps
+from overlay_vici.render import Settings, strongswan_conf, swanctl_conf
+
+EXE = Path(sys.executable).with_name("overlay-vici")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, in a child process (the agent installs signal handlers)."""
+    return subprocess.run(
+        [str(EXE), *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    publish_secret(tmp_path / "keys", {KEYRING_FILE: dumps(build_keyring(4))})
+    return tmp_path / "keys"
+
+
+def test_mtu_1500_prints_1446_from_the_console_script() -> None:
+    """The installed entry point prints the bare number, nothing else."""
+    result = run("mtu", "1500")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "1446\n", "")
+
+
+def test_mtu_below_minimum_exits_2_with_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    """A link MTU below 576 is a usage error: exit 2, the reason on one stderr line."""
+    assert cli(capsys, "mtu", "500") == (
+        2,
+        "",
+        "overlay-vici: external MTU 500 is below the IPv4 minimum of 576\n",
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["agent"], ["render"], ["render", "strongswan"], ["render", "swanctl"], ["mtu"]],
+    ids=lambda a: " ".join(a) or "top",
+)
+def test_help_of_every_command(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """`--help` works for each (sub)command: exit 0 and a usage line naming it."""
+    code, out, err = cli(capsys, *args, "--help")
+    assert code == 0 and err == ""
+    assert out.startswith(f"usage: overlay-vici {' '.join(args)}".rstrip())
+
+
+def test_render_strongswan_prints_what_render_produces(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`render strongswan` output is byte-identical to render.strongswan_conf()."""
+    code, out, _ = cli(capsys, "render", "strongswan", "--vici-socket", "/run/c.vici")
+    assert code == 0 and out == strongswan_conf("/run/c.vici")
+    code, out, _ = cli(
+        capsys, "render", "strongswan", "--vici-socket", "/s", "--log-file", "/var/log/c.log"
+    )
+    assert code == 0 and out == strongswan_conf("/s", "/var/log/c.log")
+
+
+def test_render_swanctl_prints_what_the_agent_loads(
+    capsys: pytest.CaptureFixture[str], keys: Path
+) -> None:
+    """`render swanctl` is swanctl_conf() of the mounted keyring, settings included."""
+    code, out, err = cli(capsys, "render", "swanctl", "--node", "node-1", "--keys", str(keys))
+    assert (code, err) == (0, "")
+    assert out == swanctl_conf(read_keyring(keys), "node-1", Settings())
+    code, out, _ = cli(
+        capsys, "render", "swanctl", "--node", "node-1", "--keys", str(keys),
+        "--dpd-delay", "10s", "--esp-proposals", "aes256gcm16-ecp384",
+    )  # fmt: skip
+    settings = Settings(dpd_delay="10s", esp_proposals="aes256gcm16-ecp384")
+    assert code == 0 and out == swanctl_conf(read_keyring(keys), "node-1", settings)
+
+
+def test_render_swanctl_honours_template_override(
+    capsys: pytest.CaptureFixture[str], keys: Path, tmp_path: Path
+) -> None:
+    """--templates DIR replaces the built-in swanctl.conf.j2."""
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "swanctl.conf.j2").write_text("# {{ peers | length }} peers\n")
+    code, out, _ = cli(
+        capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys),
+        "--templates", str(tmp_path / "tpl"),
+    )  # fmt: skip
+    assert (code, out) == (0, "# 3 peers\n")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--ike-rekey-time", "5x", "ike_rekey_time '5x' is not a duration like 30s, 1h or 0"),
+        ("--dpd-delay", "soon", "dpd_delay 'soon' is not a duration"),
+        ("--esp-proposals", "AES", "esp_proposals 'AES' is not a strongSwan proposal"),
+    ],
+)
+def test_bad_setting_exits_2_with_one_sentence(
+    capsys: pytest.CaptureFixture[str], keys: Path, flag: str, value: str, message: str
+) -> None:
+    """A malformed setting: exit 2, exactly one stderr line naming the setting."""
+    code, out, err = cli(
+        capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys), flag, value
+    )
+    assert (code, out) == (2, "")
+    assert err.startswith(f"overlay-vici: {message}") and err.count("\n") == 1
+
+
+def test_agent_bad_setting_exits_2_before_touching_charon(tmp_path: Path) -> None:
+    """The agent refuses a bad setting at start: exit 2, one line, no traceback."""
+    result = run(
+        "agent", "--node", "n", "--keys", str(tmp_path), "--vici", "unix:///nonexistent",
+        "--ike-rekey-time", "5x",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "overlay-vici: ike_rekey_time '5x' is not a duration like 30s, 1h or 0"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_agent_bad_vici_uri_exits_2(tmp_path: Path) -> None:
+    """A VICI URI that is not unix:// is a usage error with the expected form."""
+    result = run("agent", "--node", "n", "--keys", str(tmp_path), "--vici", "tcp://1.2.3.4")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "overlay-vici: VICI URI 'tcp://1.2.3.4' must look like unix:///run/charon.vici"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--bogus"], ["mtu", "fifteen-hundred"], ["render", "swanctl", "--node", "x"], ["nope"]],
+    ids=["unknown flag", "non-integer", "missing --keys", "unknown command"],
+)
+def test_bad_usage_exits_2_naming_the_problem(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """argparse errors: exit 2, stdout empty, the last stderr line names the problem."""
+    code, out, err = cli(capsys, *args)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].startswith("overlay-vici")
+    assert ": error: " in err.splitlines()[-1]
+
+
+def test_render_swanctl_with_malformed_keyring_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A truncated keyring: exit 2 and the keyring's own one-sentence error."""
+    text = dumps(build_keyring(3))
+    publish_secret(tmp_path / "keys", {KEYRING_FILE: text[:40]})
+    keys = str(tmp_path / "keys")
+    code, out, err = cli(capsys, "render", "swanctl", "--node", "node-0", "--keys", keys)
+    assert (code, out) == (2, "")
+    assert err.startswith("overlay-vici: keyring is not valid JSON (")
+    assert err.endswith("the file is truncated or corrupt, republish the Secret from the master\n")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "overlay-vici: no keyring.json in {keys}; check the Secret volume"),
+        ("other node", "overlay-vici: node node-0 is not in the keyring's peer list;"),
+        ("version", "overlay-vici: keyring format version 2 is not supported (expected 1)"),
+    ],
+)
+def test_render_swanctl_keyring_problems_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, setup: str, message: str
+) -> None:
+    """No keyring, a keyring without this node, a newer format: exit 2 with the reason."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    if setup == "other node":
+        publish_secret(keys, {KEYRING_FILE: dumps(build_keyring((1, 2)))})
+    elif setup == "version":
+        newer = dumps(build_keyring(2)).replace('"version": 1', '"version": 2')
+        publish_secret(keys, {KEYRING_FILE: newer})
+    code, out, err = cli(capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys))
+    assert (code, out) == (2, "")
+    assert err.startswith(message.format(keys=keys)) and err.count("\n") == 1

@@ -1,0 +1,305 @@
+"""The keyring contract: canonical round trip, the per-pair KDF and strict validation."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from keyring_fixtures import build_keyring
+
+from overlay_vici import keyring as kr
+from overlay_vici.keyring import Generation, KeyringError, Peer, dumps, loads, pair_psk
+
+
+def valid_doc() -> dict[str, Any]:
+    return json.loads(dumps(build_keyring(3, generations=(1, 2), sent=2, serial=7)))
+
+
+def assert_one_sentence(message: str) -> None:
+    assert message, "empty error message"
+    assert "\n" not in message, f"multi-line error: {message!r}"
+    assert not re.search(r"[.!?]\s+[A-Z]", message), f"more than one sentence: {message!r}"
+    assert not message.rstrip().endswith(("(", ",", ";")), message
+
+
+# --- round trip --------------------------------------------------------------------------
+
+
+def test_round_trip_is_identity_and_canonical() -> None:
+    """loads(dumps(k)) == k, and dumping again gives the very same bytes."""
+    keyring = build_keyring(5, generations=(3, 4, 9), sent=4, serial=12)
+    text = dumps(keyring)
+    assert loads(text) == keyring
+    assert loads(text.encode()) == keyring
+    assert dumps(loads(text)) == text
+
+
+def test_dumps_is_independent_of_field_order_in_the_input() -> None:
+    """Two documents differing only in key order and whitespace load to equal keyrings."""
+    doc = valid_doc()
+    shuffled = json.dumps(dict(reversed(list(doc.items()))), indent=None)
+    assert dumps(loads(shuffled)) == dumps(loads(json.dumps(doc)))
+
+
+def test_accepted_excludes_the_sent_generation() -> None:
+    """`accepted` lists every generation but the sent one; `peer` finds by name."""
+    keyring = build_keyring(2, generations=(1, 2, 3), sent=2)
+    assert keyring.accepted == (1, 3)
+    assert keyring.peer("node-1") == Peer("node-1", "10.0.0.2")
+    assert keyring.peer("absent") is None
+
+
+# --- the per-pair key --------------------------------------------------------------------
+
+
+def test_pair_psk_is_symmetric_and_32_bytes() -> None:
+    """Both ends of a pair derive the same 32-byte key whatever the argument order."""
+    gen = Generation(1, bytes(range(32)))
+    assert pair_psk(gen, "10.0.0.1", "10.0.0.2") == pair_psk(gen, "10.0.0.2", "10.0.0.1")
+    assert len(pair_psk(gen, "10.0.0.1", "10.0.0.2")) == kr.KEY_BYTES == 32
+
+
+def test_pair_psk_sorts_addresses_numerically() -> None:
+    """Order is by address value, not text: 10.0.0.9 < 10.0.0.10 on both ends."""
+    gen = Generation(1, bytes(32))
+    assert pair_psk(gen, "10.0.0.9", "10.0.0.10") == pair_psk(gen, "10.0.0.10", "10.0.0.9")
+
+
+def test_pair_psk_differs_across_pairs_generations_and_root_keys() -> None:
+    """Every pair, generation id and root key gives a distinct key."""
+    ips = [f"10.0.0.{i}" for i in range(1, 9)]
+    gen_a, gen_b = Generation(1, bytes(32)), Generation(2, bytes(32))
+    other_root = Generation(1, b"\x01" * 32)
+    keys = [
+        pair_psk(gen, a, b)
+        for gen in (gen_a, gen_b, other_root)
+        for i, a in enumerate(ips)
+        for b in ips[i + 1 :]
+    ]
+    assert len(set(keys)) == len(keys) == 3 * 28
+
+
+def test_create_uses_fresh_random_keys() -> None:
+    """create() starts a mesh with one sent generation holding a new 32-byte CSPRNG key."""
+    peers = [Peer("a", "10.0.0.1"), Peer("b", "10.0.0.2")]
+    made = [kr.create(peers, serial=5, generation_id=3) for _ in range(20)]
+    assert {len(k.generations) for k in made} == {1}
+    assert {(k.serial, k.sent, k.generations[0].id) for k in made} == {(5, 3, 3)}
+    assert all(len(k.generations[0].key) == 32 for k in made)
+    assert len({k.generations[0].key for k in made}) == 20
+    assert loads(dumps(made[0])) == made[0]
+
+
+def test_create_draws_from_the_os_csprng(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root key is what secrets.token_bytes(32) returns, not something derived."""
+    calls: list[int] = []
+
+    def fake_token_bytes(n: int) -> bytes:
+        calls.append(n)
+        return b"\x42" * n
+
+    monkeypatch.setattr(kr.secrets, "token_bytes", fake_token_bytes)
+    assert kr.create([Peer("a", "10.0.0.1")]).generations[0].key == b"\x42" * 32
+    assert calls == [32]
+
+
+# --- strict validation -------------------------------------------------------------------
+
+
+def _mutated(mutate: Any) -> str:
+    doc = valid_doc()
+    mutate(doc)
+    return json.dumps(doc)
+
+
+def _set(path: str, value: Any) -> Any:
+    def apply(doc: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        target: Any = doc
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[int(last) if last.isdigit() else last] = value
+
+    return apply
+
+
+def _drop(name: str) -> Any:
+    return lambda doc: doc.pop(name)
+
+
+INVALID: dict[str, tuple[bytes | str | Any, str]] = {
+    "unknown version": (_set("version", 2), "format version 2 is not supported"),
+    "missing version": (_drop("version"), "format version None is not supported"),
+    "bad base64": (
+        _set("generations.0.key", "not*base64"),
+        "key of generation 1 is not valid base64",
+    ),
+    "key not a string": (_set("generations.0.key", 12), "key of generation 1 is not valid base64"),
+    "short key": (
+        _set("generations.0.key", base64.b64encode(bytes(16)).decode()),
+        "key of generation 1 is 16 bytes, expected 32",
+    ),
+    "long key": (
+        _set("generations.1.key", base64.b64encode(bytes(33)).decode()),
+        "key of generation 2 is 33 bytes, expected 32",
+    ),
+    "duplicate peer names": (_set("peers.1.name", "node-0"), "duplicate peer name node-0"),
+    "duplicate IPs": (_set("peers.2.ip", "10.0.0.1"), "duplicate peer IP 10.0.0.1"),
+    "IP with a leading zero": (
+        _set("peers.2.ip", "10.0.0.01"),
+        "peer node-2 has an invalid IP address '10.0.0.01'",
+    ),
+    "invalid IP": (_set("peers.0.ip", "10.0.0.256"), "peer node-0 has an invalid IP address"),
+    "missing IP": (_set("peers.0.ip", None), "peer node-0 has an invalid IP address None"),
+    "IPv6": (_set("peers.1.ip", "fd00::1"), "peer node-1 has IPv6 address fd00::1"),
+    "invalid node name": (_set("peers.0.name", "Node_0"), "peer name 'Node_0' is not a valid"),
+    "node name too long": (_set("peers.0.name", "a" * 254), "is not a valid Kubernetes node name"),
+    "peer not an object": (_set("peers.0", "node-0"), "every peer must be an object"),
+    "peers not a list": (_set("peers", {}), "'peers' must be a list"),
+    "peers missing": (_drop("peers"), "'peers' must be a list"),
+    "no generations": (_set("generations", []), "at least one key generation"),
+    "generation not an object": (_set("generations.0", 1), "every key generation must be"),
+    "duplicate generation ids": (_set("generations.1.id", 1), "duplicate generation id 1"),
+    "negative serial": (_set("serial", -1), "'serial' must be a non-negative integer, got -1"),
+    "boolean serial": (_set("serial", True), "'serial' must be a non-negative integer, got True"),
+    "string sent": (_set("sent", "2"), "'sent' must be a non-negative integer, got '2'"),
+    "sent generation missing": (_set("sent", 3), "sent generation 3 is not among"),
+    "empty file": (b"", "keyring is empty"),
+    "whitespace only": ("  \n\t\n", "keyring is empty"),
+    "truncated JSON": ("TRUNCATED", "keyring is not valid JSON"),
+    "not UTF-8": (b'{"version": "\xff"}', "keyring is not valid JSON"),
+    "array": ("[]", "keyring must be a JSON object"),
+    "number": ("42", "keyring must be a JSON object"),
+    "string": ('"keyring"', "keyring must be a JSON object"),
+    "null": ("null", "keyring must be a JSON object"),
+    "over-size": ("OVERSIZE", "over the 1048576-byte limit"),
+}
+
+
+def _data(spec: Any) -> bytes | str:
+    if spec == "TRUNCATED":
+        text = json.dumps(valid_doc())
+        return text[: len(text) // 2]
+    if spec == "OVERSIZE":
+        return json.dumps(valid_doc()) + " " * kr.MAX_KEYRING_BYTES
+    if callable(spec):
+        return _mutated(spec)
+    return spec
+
+
+@pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
+def test_invalid_keyring_raises_one_sentence_naming_the_problem(case: str) -> None:
+    """Every defect gives KeyringError whose one-sentence message names what is wrong."""
+    spec, expected = INVALID[case]
+    with pytest.raises(KeyringError) as info:
+        loads(_data(spec))
+    assert expected in str(info.value)
+    assert_one_sentence(str(info.value))
+
+
+def test_size_limit_is_inclusive_of_exactly_one_mebibyte() -> None:
+    """A document of exactly MAX_KEYRING_BYTES loads; one byte more is refused."""
+    text = json.dumps(valid_doc())
+    padded = text + " " * (kr.MAX_KEYRING_BYTES - len(text))
+    assert len(padded) == kr.MAX_KEYRING_BYTES
+    assert loads(padded) == loads(text)
+    with pytest.raises(KeyringError, match="over the"):
+        loads(padded + " ")
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    """Extra fields a newer master might add do not break an agent of the same version."""
+    doc = valid_doc()
+    doc["comment"] = "added later"
+    doc["peers"][0]["zone"] = "a"
+    assert loads(json.dumps(doc)) == loads(json.dumps(valid_doc()))
+
+
+# Product bugs: loads() promises "any defect raises KeyringError", and the agent only catches
+# KeyringError, so any other exception kills the agent's loop (see test_agent_host).
+
+
+def test_deeply_nested_json_raises_keyring_error() -> None:
+    """BUG: json.loads raises RecursionError on deep nesting; it must become KeyringError."""
+    with pytest.raises(KeyringError):
+        loads("[" * 100_000)
+
+
+def test_huge_integer_raises_keyring_error() -> None:
+    """BUG: an integer over Python's 4300-digit limit raises a bare ValueError from json."""
+    with pytest.raises(KeyringError):
+        loads('{"version": 1, "serial": ' + "9" * 5000 + "}")
+
+
+def test_node_name_with_trailing_newline_is_rejected() -> None:
+    """BUG: `$` in _NODE_NAME matches before a final newline, so 'node-0\\n' passes."""
+    with pytest.raises(KeyringError, match="not a valid Kubernetes node name"):
+        loads(_mutated(_set("peers.0.name", "node-0\n")))
+
+
+# --- fuzzing -----------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["10.0.0.1", "fd00::1", "node-0", base64.b64encode(bytes(32)).decode()]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _check_loads(data: bytes | str) -> None:
+    try:
+        result = loads(data)
+    except KeyringError as exc:
+        assert_one_sentence(str(exc))
+    else:
+        assert isinstance(result, kr.Keyring)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_arbitrary_bytes_only_raise_keyring_error(data: bytes) -> None:
+    """Random bytes either load or raise KeyringError, never another exception."""
+    _check_loads(data)
+
+
+@FUZZ
+@given(json_values)
+def test_fuzz_arbitrary_json_only_raises_keyring_error(value: Any) -> None:
+    """Any JSON document, as text and as bytes, loads or raises KeyringError only."""
+    text = json.dumps(value)
+    _check_loads(text)
+    _check_loads(text.encode())
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_corrupted_fields_only_raise_keyring_error(data: st.DataObject) -> None:
+    """A valid keyring with any of its fields replaced by arbitrary JSON is still handled."""
+    doc = valid_doc()
+    paths = [
+        "version", "serial", "sent", "generations", "peers",
+        "generations.0", "generations.0.id", "generations.0.key", "generations.1.key",
+        "peers.0", "peers.0.name", "peers.0.ip", "peers.2.ip", "peers.1.name",
+    ]  # fmt: skip
+    for path in data.draw(st.lists(st.sampled_from(paths), min_size=1, max_size=3)):
+        mutated = copy.deepcopy(doc)
+        try:
+            _set(path, data.draw(json_values))(mutated)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed the parent
+        doc = mutated
+    _check_loads(json.dumps(doc))

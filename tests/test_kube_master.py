@@ -1,0 +1,444 @@
+"""The master in Kubernetes mode, through the real `kubernetes` client over HTTP to the fake
+API server (tests/kubefake.py); the agents acknowledge with the stdlib Lease edge.
+
+The clock is the tests' own: agents' heartbeats, leader Leases and rotation intervals all
+read it, so that expiry and failover are exact and fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("kubernetes")
+
+from kubefake import FakeKube
+
+from overlay_vici import keyring as kr
+from overlay_vici.cli import main
+from overlay_vici.files import write_json
+from overlay_vici.kube import REQUEST_ANNOTATION, KubeStore, NodeWatcher, api_client
+from overlay_vici.lease import ApiServer, LeaseReporter, lease_name, run_reporter
+from overlay_vici.master import Master
+from overlay_vici.rotation import Policy
+
+NS = "ovv"
+SECRET = "overlay-vici-keys"
+POLICY = Policy(interval=3600, agent_timeout=30)
+
+
+class Clock:
+    """Starts 40 s in the past, so that `overlay-vici status` (wall clock) sees the same ages
+    as the master would 40 s after the test's "now"."""
+
+    def __init__(self) -> None:
+        self.t = time.time() - 40
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    with FakeKube() as fake:
+        for i in (1, 2, 3):
+            fake.node(f"n{i}", f"10.0.0.{i}")
+        yield fake
+
+
+class Harness:
+    """Masters (replicas) and agents against one fake API server."""
+
+    def __init__(self, kube: FakeKube) -> None:
+        self.kube = kube
+        self.clock = Clock()
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.api = ApiServer(kube.url)
+
+    def master(self, identity: str = "a") -> Master:
+        api = api_client(server=self.kube.url)
+        watcher = NodeWatcher(api, timeout=1)
+        thread = threading.Thread(target=watcher.run, args=(self.stop,), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        until("the first node list", lambda: watcher.nodes is not None)
+        store = KubeStore(api, NS, SECRET, identity=identity, lease_duration=10, watcher=watcher)
+        return Master(store, POLICY, clock=self.clock)
+
+    def ack(self, *names: str, serial: int | None = None, **fields: Any) -> None:
+        """Agents report through their Leases, as `overlay-vici report-lease` does."""
+        keyring = self.keyring()
+        for name in names:
+            status = {
+                "node": name,
+                "updated": self.clock.t,
+                "keyring_serial": keyring.serial if serial is None else serial,
+                "sent_generation": keyring.sent,
+                "generations": {
+                    str(g.id): "sent" if g.id == keyring.sent else "accepted"
+                    for g in keyring.generations
+                },
+                "reauthenticated": True,
+                "stale_ike_sas": 0,
+                "stale_peers": [],
+                "peers_up": len(keyring.peers) - 1,
+                "peers_expected": len(keyring.peers) - 1,
+                "last_error": None,
+                **fields,
+            }
+            LeaseReporter(self.api, NS, name).report(status)
+
+    def secret(self) -> dict[str, Any]:
+        secret = self.kube.get("secrets", SECRET, NS)
+        assert secret is not None
+        return secret
+
+    def keyring(self) -> kr.Keyring:
+        return kr.loads(base64.b64decode(self.secret()["data"]["keyring.json"]))
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(base64.b64decode(self.secret()["data"]["master.json"]))
+
+    def request(self) -> None:
+        assert main(["rotate", "--server", self.kube.url, "--namespace", NS]) == 0
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def harness(kube: FakeKube) -> Iterator[Harness]:
+    h = Harness(kube)
+    yield h
+    h.close()
+
+
+def until(what: str, probe: Callable[[], Any], timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def peers(h: Harness) -> dict[str, str]:
+    return {p.name: p.ip for p in h.keyring().peers}
+
+
+def test_node_join_leave_ip_change_and_opt_out_follow_the_watch(harness: Harness) -> None:
+    h, kube = harness, harness.kube
+    master = h.master()
+    master.step()
+    assert peers(h) == {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"}
+    assert h.keyring().serial == 1
+    changes: list[tuple[Callable[[], None], dict[str, str]]] = [
+        (
+            lambda: kube.node("n4", "10.0.0.4"),
+            {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3", "n4": "10.0.0.4"},
+        ),
+        (
+            lambda: kube.delete("nodes", "n2"),
+            {"n1": "10.0.0.1", "n3": "10.0.0.3", "n4": "10.0.0.4"},
+        ),
+        (
+            lambda: kube.node("n1", "10.0.0.11"),
+            {"n1": "10.0.0.11", "n3": "10.0.0.3", "n4": "10.0.0.4"},
+        ),
+        (
+            lambda: kube.node("n3", "10.0.0.3", {"overlay-vici.io/opt-out": "true"}),
+            {"n1": "10.0.0.11", "n4": "10.0.0.4"},
+        ),
+        (
+            lambda: kube.node("n3", "10.0.0.3", {"overlay-vici.io/opt-out": "false"}),
+            {"n1": "10.0.0.11", "n3": "10.0.0.3", "n4": "10.0.0.4"},
+        ),
+    ]
+    for serial, (change, expected) in enumerate(changes, start=2):
+        change()
+        until(f"peers {expected}", lambda e=expected: master.step() and peers(h) == e)
+        assert h.keyring().serial == serial
+    generation = h.keyring().generations
+    assert generation == kr.loads(kr.dumps(h.keyring())).generations  # keys untouched
+
+
+def test_a_too_old_watch_relists_after_410_gone(harness: Harness) -> None:
+    h, kube = harness, harness.kube
+    master = h.master()
+    master.step()
+    watcher = master.store.watcher  # type: ignore[attr-defined]
+    kube.compact()
+    kube.node("n5", "10.0.0.5")
+    # The running watch still sees n5; then the next watch from an old version gets 410.
+    until("n5 in the peers", lambda: master.step() and "n5" in peers(h))
+    kube.compact()
+    time.sleep(1.2)  # the watch ends (timeoutSeconds=1) and resumes from a compacted version
+    kube.node("n6", "10.0.0.6")
+    until("n6 in the peers", lambda: master.step() and "n6" in peers(h))
+    assert watcher.relists >= 2
+
+
+def test_each_phase_waits_for_every_live_agent(harness: Harness) -> None:
+    h = harness
+    master = h.master()
+    master.step()
+    h.ack("n1", "n2", "n3")
+    h.request()
+    master.step()
+    assert h.state()["phase"] == "stage" and h.keyring().serial == 2
+    for phase, nxt in (("stage", "switch"), ("switch", "retire"), ("retire", "idle")):
+        serial = h.keyring().serial
+        h.clock.t += 1
+        h.ack("n1", "n2")
+        h.ack("n3", serial=serial - 1)  # live, still on the previous keyring
+        master.step()
+        assert h.state()["phase"] == phase, f"{phase} went on without n3"
+        assert master.last is not None and master.last.waiting == ("n3",)
+        if phase == "switch":  # applied, but not yet reauthenticated
+            h.ack("n3", reauthenticated=False, stale_ike_sas=2, stale_peers=["ov-n1"])
+            master.step()
+            assert h.state()["phase"] == "switch"
+        h.ack("n3")
+        master.step()
+        assert h.state()["phase"] == nxt
+    assert [g.id for g in h.keyring().generations] == [2] and h.keyring().sent == 2
+
+
+def test_an_expired_agent_is_reported_and_skipped(harness: Harness) -> None:
+    h = harness
+    master = h.master()
+    master.step()
+    h.ack("n1", "n2", "n3")
+    h.request()
+    master.step()
+    h.clock.t += 31  # n3 reports no more: its Lease's heartbeat is 31 s old
+    h.ack("n1", "n2")
+    master.step()
+    assert h.state()["phase"] == "switch"
+    assert h.state()["expired"] == ["n3"]
+    # Stale IKE_SAs towards the expired n3 only do not hold the live ones back.
+    h.ack("n1", "n2", reauthenticated=False, stale_ike_sas=1, stale_peers=["ov-n3"])
+    master.step()
+    assert h.state()["phase"] == "retire"
+    view = status_json(h)
+    assert view["expired"] == ["n3"] and view["rotating"] is True
+    assert {n["node"]: n["agent"] for n in view["nodes"]}["n3"] == "expired"
+
+
+def status_json(h: Harness) -> dict[str, Any]:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert (
+            main(
+                [
+                    "status",
+                    "--server",
+                    h.kube.url,
+                    "--namespace",
+                    NS,
+                    "--json",
+                    "--agent-timeout",
+                    "30",
+                ]
+            )
+            == 0
+        )
+    return json.loads(out.getvalue())
+
+
+def test_a_conflicting_writer_is_never_overwritten(harness: Harness) -> None:
+    """Between the master's read and its write, another writer (say a replica that still
+    believed it led) publishes a stage with its own new key: the master's write gets 409,
+    it reads again and goes on from that state, keeping the other writer's key."""
+    h, kube = harness, harness.kube
+    master = h.master()
+    master.step()
+    h.ack("n1", "n2", "n3")
+    theirs = kr.Generation(2, b"\x07" * 32)
+
+    def other_writer(method: str, resource: str, name: str) -> None:
+        if resource != "secrets" or method != "PUT":
+            return
+        kube.before_write = None
+        secret = kube.get("secrets", SECRET, NS)
+        assert secret is not None
+        keyring = kr.loads(base64.b64decode(secret["data"]["keyring.json"]))
+        staged = kr.Keyring(7, keyring.sent, (*keyring.generations, theirs), keyring.peers)
+        state = json.loads(base64.b64decode(secret["data"]["master.json"]))
+        state.update(phase="stage", rotation=1, phase_serial=7)
+        secret["data"]["keyring.json"] = base64.b64encode(kr.dumps(staged).encode()).decode()
+        secret["data"]["master.json"] = base64.b64encode(json.dumps(state).encode()).decode()
+        secret["metadata"].setdefault("annotations", {})["other"] = "writer"
+        kube.apply("secrets", secret, NS)
+
+    h.request()
+    kube.before_write = other_writer
+    master.step()
+    puts = [code for method, res, _, code in kube.writes if res == "secrets" and method == "PUT"]
+    # The request's PUT, then the master's, refused; on the re-read the other writer's stage
+    # is what it finds, and with no agent on it yet there is nothing to write.
+    assert puts[-2:] == [200, 409]
+    keyring = h.keyring()
+    assert keyring.generation(2) == theirs and keyring.serial == 7
+    assert h.secret()["metadata"]["annotations"]["other"] == "writer"
+    assert h.state()["phase"] == "stage"
+    # Their stage is the rotation: once everyone has applied it, the master switches to it.
+    h.ack("n1", "n2", "n3")
+    master.step()
+    assert h.keyring().sent == 2 and h.keyring().generation(2) == theirs
+    assert h.keyring().serial == 8
+
+
+def test_leader_failover_does_not_disturb_a_rotation(harness: Harness) -> None:
+    h = harness
+    a, b = h.master("a"), h.master("b")
+    assert a.step() is not None and b.step() is None  # a leads, b stands by
+    h.ack("n1", "n2", "n3")
+    h.request()
+    a.step()
+    h.ack("n1", "n2", "n3")
+    a.step()
+    assert h.state()["phase"] == "switch"
+    generations = h.keyring().generations
+    # a dies. Until its Lease expires b stands by; then it takes over and goes on.
+    h.clock.t += 5
+    h.ack("n1", "n2", "n3")
+    assert b.step() is None
+    h.clock.t += 6
+    assert b.step() is not None
+    assert h.state()["phase"] == "retire"
+    assert h.keyring().generations == tuple(g for g in generations if g.id == 2)
+    lease = h.kube.get("leases", "overlay-vici-master", NS)
+    assert lease is not None
+    assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
+    # a comes back: b holds a live Lease, so a stands by and writes nothing.
+    writes = len(h.kube.writes)
+    assert a.step() is None
+    assert [w for w in h.kube.writes[writes:] if w[1] == "secrets"] == []
+    h.ack("n1", "n2", "n3")
+    b.step()
+    assert h.state()["phase"] == "idle" and h.state()["rotation"] == 1
+
+
+@pytest.mark.parametrize("phase", ["stage", "switch", "retire"])
+def test_a_master_restarted_mid_rotation_resumes_from_the_secret(
+    harness: Harness, phase: str
+) -> None:
+    h = harness
+    first = h.master("a")
+    first.step()
+    h.ack("n1", "n2", "n3")
+    h.request()
+    first.step()
+    while h.state()["phase"] != phase:
+        h.ack("n1", "n2", "n3")
+        first.step()
+    before = h.keyring()
+    # A new process, same identity (the pod restarted): nothing in memory carries over.
+    second = h.master("a")
+    second.step()
+    assert h.state()["phase"] == phase and h.keyring() == before  # nothing acked yet
+    while h.state()["phase"] != "idle":
+        h.ack("n1", "n2", "n3")
+        second.step()
+    final = h.keyring()
+    assert [g.id for g in final.generations] == [2]
+    assert final.generation(2) == before.generation(2)  # the staged key, not a new one
+    assert h.state()["rotation"] == 1
+
+
+def test_status_and_rotate_commands_through_the_api(harness: Harness) -> None:
+    h = harness
+    master = h.master()
+    master.step()
+    h.ack("n1", "n2")
+    h.request()
+    assert h.secret()["metadata"]["annotations"][REQUEST_ANNOTATION]
+    master.step()
+    view = status_json(h)
+    assert view["active_generation"] == 1 and view["rotating"] is True
+    assert view["phase"] == "stage" and view["generations"] == {"1": "sent", "2": "accepted"}
+    assert [n["node"] for n in view["nodes"]] == ["n1", "n2", "n3"]
+    assert {n["node"]: n["agent"] for n in view["nodes"]}["n3"] == "absent"
+
+
+def test_a_missing_secret_is_created_and_a_broken_one_left_alone(harness: Harness) -> None:
+    h, kube = harness, harness.kube
+    master = h.master()
+    master.step()
+    assert h.keyring().serial == 1
+    broken = h.secret()
+    broken["data"]["keyring.json"] = base64.b64encode(b"{not json").decode()
+    kube.apply("secrets", broken, NS)
+    writes = len(kube.writes)
+    master.step()
+    assert kube.writes[writes:] == [("PUT", "leases", "overlay-vici-master", 200)]
+    assert h.secret()["data"]["keyring.json"] == broken["data"]["keyring.json"]
+
+
+def test_report_lease_copies_the_agents_report_and_stops_when_it_does(
+    harness: Harness, tmp_path: Path
+) -> None:
+    h, kube = harness, harness.kube
+    status_file = tmp_path / "status.json"
+    write_json(
+        status_file,
+        {
+            "node": "n1",
+            "updated": 100.0,
+            "keyring_serial": 3,
+            "sent_generation": 1,
+            "reauthenticated": True,
+        },
+    )
+    reporter = LeaseReporter(h.api, NS, "n1", duration=90)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_reporter, args=(reporter, status_file, stop), kwargs={"poll": 0.05}
+    )
+    thread.start()
+    try:
+        lease = until("n1's Lease", lambda: kube.get("leases", lease_name("n1"), NS))
+        assert lease["spec"]["holderIdentity"] == "n1"
+        assert lease["spec"]["renewTime"].startswith("1970-01-01T00:01:40")
+        report = json.loads(lease["metadata"]["annotations"]["overlay-vici.io/status"])
+        assert report["keyring_serial"] == 3
+        write_json(
+            status_file,
+            {
+                "node": "n1",
+                "updated": 101.0,
+                "keyring_serial": 4,
+                "sent_generation": 1,
+                "reauthenticated": True,
+            },
+        )
+        until(
+            "the new serial",
+            lambda: (
+                '"keyring_serial": 4'
+                in kube.get("leases", lease_name("n1"), NS)["metadata"]["annotations"][
+                    "overlay-vici.io/status"
+                ]
+            ),
+        )
+        # The agent stops writing its report: the Lease is not renewed on its behalf.
+        version = kube.get("leases", lease_name("n1"), NS)["metadata"]["resourceVersion"]
+        time.sleep(0.3)
+        assert kube.get("leases", lease_name("n1"), NS)["metadata"]["resourceVersion"] == version
+    finally:
+        stop.set()
+        thread.join(5)

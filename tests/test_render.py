@@ -1,0 +1,224 @@
+"""Rendering from the keyring: what charon is told, and the operator's template override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keyring_fixtures import MakeKeyring, build_keyring, node_ip
+
+from overlay_vici.keyring import pair_psk
+from overlay_vici.render import (
+    Settings,
+    SettingsError,
+    conn_name,
+    is_owned_conn,
+    is_owned_secret,
+    secret_id,
+    strongswan_conf,
+    swanctl_conf,
+)
+from overlay_vici.swanctl_conf import parse_settings, to_messages
+
+
+def rendered(peers: int = 4, node: str = "node-1", **settings: str) -> dict[str, Any]:
+    keyring = build_keyring(peers, generations=(1, 2), sent=2)
+    return parse_settings(swanctl_conf(keyring, node, Settings(**settings)))
+
+
+def test_one_connection_per_peer_excluding_self() -> None:
+    """Every other node gets exactly one `ov-<name>` connection; the node itself none."""
+    conns = rendered(5, node="node-2")["connections"]
+    assert list(conns) == [conn_name(f"node-{i}") for i in (0, 1, 3, 4)]
+    assert all(is_owned_conn(name) for name in conns)
+
+
+def test_connection_is_pinned_ikev2_psk_without_mobike_or_encap() -> None:
+    """Addresses and identities are the two node IPs; no MOBIKE, no UDP encapsulation."""
+    conn = rendered(3, node="node-1")["connections"]["ov-node-2"]
+    assert conn["version"] == "2"
+    assert conn["local_addrs"] == node_ip(1) and conn["remote_addrs"] == node_ip(2)
+    assert conn["local"] == {"auth": "psk", "id": node_ip(1)}
+    assert conn["remote"] == {"auth": "psk", "id": node_ip(2)}
+    assert conn["mobike"] == "no" and conn["encap"] == "no"
+
+
+def test_single_child_protects_ipencap_in_transport_mode_on_trap() -> None:
+    """One CHILD_SA `ipip`: transport mode, IP protocol 4 selectors, trap policies."""
+    conn = rendered()["connections"]["ov-node-0"]
+    assert list(conn["children"]) == ["ipip"]
+    child = conn["children"]["ipip"]
+    assert child["mode"] == "transport"
+    assert child["local_ts"] == child["remote_ts"] == "dynamic[ipencap]"
+    assert child["start_action"] == child["dpd_action"] == child["close_action"] == "trap"
+
+
+def test_default_settings_are_the_security_baseline() -> None:
+    """Defaults: AES-GCM-128 with X25519 for IKE and ESP, rekeying, no periodic reauth."""
+    conn = rendered()["connections"]["ov-node-0"]
+    assert conn["proposals"] == "aes128gcm16-prfsha256-x25519"
+    assert conn["children"]["ipip"]["esp_proposals"] == "aes128gcm16-x25519"
+    assert (conn["rekey_time"], conn["reauth_time"], conn["dpd_delay"]) == ("4h", "0", "30s")
+    assert conn["children"]["ipip"]["rekey_time"] == "1h"
+
+
+def test_settings_reach_every_connection() -> None:
+    """Operator settings land in each connection, as list values once parsed for VICI."""
+    custom = {
+        "ike_proposals": "aes256gcm16-prfsha384-ecp384",
+        "esp_proposals": "aes256gcm16-ecp384",
+        "ike_rekey_time": "2h",
+        "child_rekey_time": "20m",
+        "reauth_time": "1d",
+        "dpd_delay": "10",
+    }
+    text = swanctl_conf(build_keyring(3), "node-0", Settings(**custom))
+    for message in to_messages(text).conns.values():
+        (conn,) = message.values()
+        assert conn["proposals"] == [custom["ike_proposals"]]
+        assert conn["children"]["ipip"]["esp_proposals"] == [custom["esp_proposals"]]
+        assert conn["rekey_time"] == "2h" and conn["reauth_time"] == "1d"
+        assert conn["dpd_delay"] == "10" and conn["children"]["ipip"]["rekey_time"] == "20m"
+
+
+def test_secrets_per_peer_and_generation_with_owners_by_role(make_keyring: MakeKeyring) -> None:
+    """The sent generation's key is owned by [own IP, peer IP]; accepted ones by [peer IP]."""
+    keyring = make_keyring(4, generations=(1, 2, 3), sent=2)
+    node = keyring.peer("node-1")
+    assert node is not None
+    shared = to_messages(swanctl_conf(keyring, "node-1", Settings())).shared
+    assert len(shared) == 3 * 3
+    for peer in keyring.peers:
+        if peer == node:
+            continue
+        for gen in keyring.generations:
+            message = shared[secret_id(peer.name, gen.id)]
+            assert is_owned_secret(message["id"]) and message["type"] == "ike"
+            expected = [node.ip, peer.ip] if gen.id == keyring.sent else [peer.ip]
+            assert message["owners"] == expected
+            assert message["data"] == pair_psk(gen, node.ip, peer.ip)
+
+
+def test_both_ends_render_the_same_pair_key(make_keyring: MakeKeyring) -> None:
+    """node-0's key for node-3 equals node-3's key for node-0, for every generation."""
+    keyring = make_keyring(4)
+    a = to_messages(swanctl_conf(keyring, "node-0", Settings())).shared
+    b = to_messages(swanctl_conf(keyring, "node-3", Settings())).shared
+    for gen in keyring.generations:
+        assert a[secret_id("node-3", gen.id)]["data"] == b[secret_id("node-0", gen.id)]["data"]
+
+
+def test_lone_node_renders_empty_but_valid_sections(make_keyring: MakeKeyring) -> None:
+    """A keyring holding only this node gives no connections and no secrets, still parseable."""
+    messages = to_messages(swanctl_conf(make_keyring(1), "node-0", Settings()))
+    assert messages.conns == {} and messages.shared == {}
+
+
+def test_rendering_is_deterministic(make_keyring: MakeKeyring) -> None:
+    """The same keyring and settings give byte-identical output (digests stay stable)."""
+    keyring = make_keyring(6)
+    assert swanctl_conf(keyring, "node-2", Settings()) == swanctl_conf(
+        keyring, "node-2", Settings()
+    )
+
+
+def test_unknown_node_raises_lookup_error_naming_it(make_keyring: MakeKeyring) -> None:
+    """A node missing from the keyring is one sentence saying which and what to check."""
+    with pytest.raises(LookupError, match=r"^node node-9 is not in the keyring's peer list; "):
+        swanctl_conf(make_keyring(3), "node-9", Settings())
+
+
+# --- settings validation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ike_rekey_time", "5x"),
+        ("ike_rekey_time", ""),
+        ("child_rekey_time", "1.5h"),
+        ("reauth_time", "-1s"),
+        ("dpd_delay", "30 s"),
+        ("dpd_delay", "s"),
+        ("ike_proposals", "AES128GCM16-prfsha256-x25519"),
+        ("ike_proposals", "aes128gcm16,aes256gcm16"),
+        ("esp_proposals", "aes128gcm16 x25519"),
+        ("esp_proposals", "-aes128gcm16"),
+        ("esp_proposals", "aes128gcm16--x25519"),
+        ("esp_proposals", "aes128gcm16\n}\nconnections { evil { } }"),
+    ],
+)
+def test_malformed_setting_raises_settings_error_naming_it(field: str, value: str) -> None:
+    """A bad setting is refused with one sentence naming the field, the value and the form."""
+    with pytest.raises(SettingsError) as info:
+        Settings(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} {value!r} is not a ")
+    assert "\n" not in message.replace(repr(value), "")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ike_rekey_time", "0"),
+        ("child_rekey_time", "3600"),
+        ("reauth_time", "2d"),
+        ("dpd_delay", "45m"),
+        ("ike_proposals", "aes256gcm16-prfsha384-ecp384"),
+        ("esp_proposals", "chacha20poly1305-curve25519"),
+        ("esp_proposals", "aes128gcm16"),
+    ],
+)
+def test_wellformed_settings_are_accepted(field: str, value: str) -> None:
+    """Plain seconds, s/m/h/d suffixes and dash-joined lowercase proposals are accepted."""
+    assert getattr(Settings(**{field: value}), field) == value
+
+
+# --- templates -----------------------------------------------------------------------------
+
+
+def test_override_dir_replaces_only_the_templates_it_holds(tmp_path: Path) -> None:
+    """An override swanctl.conf.j2 wins; strongswan.conf.j2 still comes from the package."""
+    (tmp_path / "swanctl.conf.j2").write_text(
+        "# custom for {{ node.name }}\nconnections {\n"
+        "{%- for peer in peers %}\n  {{ peer.conn }} { remote_addrs = {{ peer.ip }} }\n"
+        "{%- endfor %}\n}\n"
+    )
+    keyring = build_keyring(3)
+    text = swanctl_conf(keyring, "node-0", Settings(), templates=tmp_path)
+    assert text.startswith("# custom for node-0\n")
+    assert parse_settings(text)["connections"] == {
+        "ov-node-1": {"remote_addrs": node_ip(1)},
+        "ov-node-2": {"remote_addrs": node_ip(2)},
+    }
+    assert strongswan_conf("/run/x.vici", templates=tmp_path) == strongswan_conf("/run/x.vici")
+
+
+def test_override_of_strongswan_conf_leaves_swanctl_builtin(tmp_path: Path) -> None:
+    """Overriding only strongswan.conf.j2 keeps the built-in swanctl.conf.j2."""
+    (tmp_path / "strongswan.conf.j2").write_text("charon { custom = {{ vici_socket }} }\n")
+    keyring = build_keyring(3)
+    assert strongswan_conf("/s", templates=tmp_path) == "charon { custom = /s }\n"
+    assert swanctl_conf(keyring, "node-0", Settings(), tmp_path) == swanctl_conf(
+        keyring, "node-0", Settings()
+    )
+
+
+def test_strongswan_conf_enables_make_before_break_and_the_vici_socket() -> None:
+    """charon reauthenticates make-before-break, loads an explicit plugin list, serves VICI."""
+    charon = parse_settings(strongswan_conf("/run/overlay/charon.vici"))["charon"]
+    assert charon["make_before_break"] == "yes"
+    assert charon["load_modular"] == "no"
+    assert charon["plugins"]["vici"]["socket"] == "unix:///run/overlay/charon.vici"
+    plugins = charon["load"].split()
+    assert {"vici", "kernel-netlink", "socket-default", "openssl", "gcm"} <= set(plugins)
+    assert "filelog" not in charon
+
+
+def test_strongswan_conf_log_file_is_optional() -> None:
+    """--log-file adds a filelog section for that path, otherwise charon logs nowhere extra."""
+    charon = parse_settings(strongswan_conf("/s.vici", log_file="/var/log/charon.log"))["charon"]
+    (logger,) = charon["filelog"].values()
+    assert logger["path"] == "/var/log/charon.log"
+    assert logger["default"] == "1"

@@ -1,0 +1,287 @@
+"""The master's pure core: peer list, the three rotation phases, liveness, restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from overlay_vici import keyring as kr
+from overlay_vici.rotation import (
+    AgentReport,
+    Decision,
+    MasterState,
+    NodeInfo,
+    Policy,
+    decide,
+    dumps_state,
+    loads_state,
+)
+
+POLICY = Policy(interval=3600, agent_timeout=30)
+NODES = [NodeInfo(f"n{i}", f"10.0.0.{i}") for i in range(1, 5)]
+
+
+def ack(
+    decision: Decision,
+    names: list[str] | None = None,
+    now: float = 0.0,
+    reauthenticated: bool = True,
+    stale_peers: tuple[str, ...] | None = None,
+) -> dict[str, AgentReport]:
+    """Reports of agents that applied the decision's keyring (all peers by default)."""
+    keyring = decision.keyring
+    return {
+        name: AgentReport(
+            node=name,
+            heartbeat=now,
+            keyring_serial=keyring.serial,
+            sent_generation=keyring.sent,
+            reauthenticated=reauthenticated,
+            stale_ike_sas=0 if reauthenticated else 1,
+            stale_peers=stale_peers,
+        )
+        for name in (names if names is not None else [p.name for p in keyring.peers])
+    }
+
+
+def step(previous: Decision, reports: dict[str, AgentReport], now: float, **kw: object) -> Decision:
+    return decide(
+        previous.keyring, previous.state, kw.pop("nodes", NODES), reports, now, POLICY, **kw
+    )  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def start() -> Decision:
+    return decide(None, None, NODES, {}, 0.0, POLICY)
+
+
+def test_first_keyring_holds_every_node_and_one_fresh_generation(start: Decision) -> None:
+    assert start.changed
+    assert [p.name for p in start.keyring.peers] == ["n1", "n2", "n3", "n4"]
+    assert start.keyring.serial == 1 and start.keyring.sent == 1
+    assert len(start.keyring.generations[0].key) == 32
+    assert start.state.phase == "idle" and start.state.last_rotation == 0.0
+
+
+def test_nothing_to_do_changes_nothing(start: Decision) -> None:
+    again = step(start, ack(start), 10)
+    assert not again.changed and again.keyring is start.keyring
+
+
+def test_node_join_leave_and_ip_change_bump_the_serial_and_keep_the_keys(start: Decision) -> None:
+    nodes = [NodeInfo("n1", "10.0.0.11"), *NODES[1:3], NodeInfo("n5", "10.0.0.5")]
+    moved = step(start, {}, 1, nodes=nodes)
+    assert moved.changed and moved.keyring.serial == 2
+    assert {p.name: p.ip for p in moved.keyring.peers} == {
+        "n1": "10.0.0.11",
+        "n2": "10.0.0.2",
+        "n3": "10.0.0.3",
+        "n5": "10.0.0.5",
+    }
+    assert moved.keyring.generations == start.keyring.generations
+    event = dict(moved.events)["peer list changed"]
+    assert (event["joined"], event["left"], event["moved"]) == (["n5"], ["n4"], ["n1"])
+
+
+def test_opted_out_unaddressed_ipv6_and_duplicate_ip_nodes_are_left_out(start: Decision) -> None:
+    nodes = [
+        *NODES,
+        NodeInfo("out", "10.0.0.9", opted_out=True),
+        NodeInfo("noip", None),
+        NodeInfo("six", "fd00::1"),
+        NodeInfo("thief", "10.0.0.1"),  # n1 holds 10.0.0.1 in the keyring: n1 keeps it
+        NodeInfo("x1", "10.0.0.7"),
+        NodeInfo("x2", "10.0.0.7"),  # neither holds it: neither gets it
+    ]
+    result = step(start, {}, 1, nodes=nodes)
+    assert not result.changed, [p.name for p in result.keyring.peers]
+
+
+def test_unknown_node_list_keeps_the_peers(start: Decision) -> None:
+    assert not step(start, {}, 1, nodes=None).changed
+
+
+def rotate(start: Decision, t: float = 100.0) -> list[Decision]:
+    """Drive a full rotation with every agent acknowledging each phase at once."""
+    decisions = [step(start, ack(start, now=t), t, request="r1")]
+    while decisions[-1].state.phase != "idle":
+        t += 1
+        decisions.append(step(decisions[-1], ack(decisions[-1], now=t), t, request="r1"))
+    return decisions
+
+
+def test_a_requested_rotation_goes_stage_switch_retire_idle(start: Decision) -> None:
+    stage, switch, retire, idle = rotate(start)
+    old = start.keyring.generation(1)
+    assert (stage.state.phase, stage.keyring.sent) == ("stage", 1)
+    assert [g.id for g in stage.keyring.generations] == [1, 2]
+    assert stage.keyring.generation(1) == old
+    new = stage.keyring.generation(2)
+    assert new.key != old.key and len(new.key) == 32
+    assert (switch.state.phase, switch.keyring.sent) == ("switch", 2)
+    assert switch.keyring.generations == (old, new)
+    assert (retire.state.phase, retire.keyring.generations) == ("retire", (new,))
+    assert idle.state.phase == "idle" and idle.keyring is retire.keyring
+    assert [d.keyring.serial for d in (stage, switch, retire)] == [2, 3, 4]
+    assert idle.state.last_rotation == 103.0 and idle.state.handled_request == "r1"
+    assert idle.state.history[-1] == {
+        "rotation": 1,
+        "stage": 100.0,
+        "switch": 101.0,
+        "retire": 102.0,
+        "idle": 103.0,
+    }
+    # The same request does not rotate again; a new one does.
+    assert not step(idle, ack(idle, now=104), 104, request="r1").changed
+    assert step(idle, ack(idle, now=104), 104, request="r2").state.phase == "stage"
+
+
+def test_the_interval_starts_a_rotation(start: Decision) -> None:
+    assert step(start, ack(start, now=3599), 3599).state.phase == "idle"
+    due = step(start, ack(start, now=3600), 3600)
+    assert (
+        due.state.phase == "stage" and dict(due.events)["rotation started"]["reason"] == "interval"
+    )
+
+
+@pytest.mark.parametrize("phase", ["stage", "switch", "retire"])
+def test_each_phase_waits_for_every_live_agent(start: Decision, phase: str) -> None:
+    decisions = rotate(start)
+    entered = next(d for d in decisions if d.state.phase == phase)
+    index = decisions.index(entered)
+    # Three of four agents applied; n4 is live but still on the previous keyring.
+    reports = ack(entered, ["n1", "n2", "n3"], now=200)
+    reports["n4"] = dataclasses.replace(
+        reports["n1"], node="n4", keyring_serial=entered.keyring.serial - 1
+    )
+    held = step(entered, reports, 200, request="r1")
+    assert held.state.phase == phase and not held.changed
+    assert held.waiting == ("n4",)
+    reports["n4"] = dataclasses.replace(reports["n1"], node="n4")
+    moved = step(entered, reports, 201, request="r1")
+    assert moved.state.phase == decisions[index + 1].state.phase
+
+
+def test_switch_waits_for_reauthentication(start: Decision) -> None:
+    switch = rotate(start)[1]
+    reports = ack(switch, now=200, reauthenticated=False)
+    assert step(switch, reports, 200).state.phase == "switch"
+    assert step(switch, ack(switch, now=200), 200).state.phase == "retire"
+
+
+def test_a_newer_serial_than_the_phase_counts_as_done(start: Decision) -> None:
+    """A node joining during stage bumps the serial: agents on it have staged too."""
+    stage = rotate(start)[0]
+    behind = ack(start, now=150)  # every agent live, none has staged yet
+    joined = step(stage, behind, 150, nodes=[*NODES, NodeInfo("n5", "10.0.0.5")])
+    assert joined.state.phase == "stage" and joined.keyring.serial == stage.keyring.serial + 1
+    assert [g.id for g in joined.keyring.generations] == [1, 2] and joined.keyring.sent == 1
+    nodes5 = [*NODES, NodeInfo("n5", "10.0.0.5")]
+    assert step(joined, ack(joined, now=151), 151, nodes=nodes5).state.phase == "switch"
+
+
+def test_expired_and_absent_agents_are_reported_and_skipped(start: Decision) -> None:
+    stage = rotate(start)[0]
+    reports = ack(stage, ["n1", "n2"], now=200)
+    reports["n3"] = dataclasses.replace(
+        reports["n1"], node="n3", heartbeat=200 - 31, keyring_serial=1
+    )
+    result = step(stage, reports, 200)
+    assert result.expired == ("n3",) and result.absent == ("n4",)
+    assert result.state.phase == "switch"
+    assert result.state.expired == ("n3",)
+    assert ("agent expired, not waiting for it", {"node": "n3"}) in result.events
+    assert dict(result.events)["rotation phase switch"]["skipped"] == ["n3", "n4"]
+
+
+def test_stale_sas_only_towards_expired_peers_do_not_hold_retire(start: Decision) -> None:
+    switch = rotate(start)[1]
+    reports = ack(
+        switch, ["n1", "n2", "n3"], now=200, reauthenticated=False, stale_peers=("n4",)
+    )
+    reports["n4"] = dataclasses.replace(reports["n1"], node="n4", heartbeat=100)  # expired
+    assert step(switch, reports, 200).state.phase == "retire"
+    # Stale towards a live peer does hold it.
+    reports["n1"] = dataclasses.replace(reports["n1"], stale_peers=("n4", "n2"))
+    assert step(switch, reports, 200).state.phase == "switch"
+    # An agent that does not say towards whom is waited for.
+    reports["n1"] = dataclasses.replace(reports["n1"], stale_peers=None)
+    assert step(switch, reports, 200).waiting == ("n1",)
+
+
+def test_a_request_during_a_rotation_starts_another_one_afterwards(start: Decision) -> None:
+    stage = rotate(start)[0]
+    later = stage
+    t = 200.0
+    while True:
+        later = step(later, ack(later, now=t), t, request="r2")
+        t += 1
+        if later.state.phase == "idle":
+            break
+    assert later.state.handled_request == "r1"
+    again = step(later, ack(later, now=t), t, request="r2")
+    assert again.state.phase == "stage" and again.state.rotation == 2
+    assert [g.id for g in again.keyring.generations] == [2, 3]
+
+
+@pytest.mark.parametrize("phase", ["stage", "switch", "retire"])
+def test_a_restarted_master_resumes_from_what_it_wrote(start: Decision, phase: str) -> None:
+    decisions = rotate(start)
+    entered = next(d for d in decisions if d.state.phase == phase)
+    following = decisions[decisions.index(entered) + 1]
+    # What a new process reads back from the Secret: the two files.
+    keyring = kr.loads(kr.dumps(entered.keyring))
+    state = loads_state(dumps_state(entered.state))
+    assert state == entered.state
+    resumed = decide(keyring, state, NODES, ack(entered, now=300), 300, POLICY, "r1")
+    assert resumed.state.phase == following.state.phase
+    assert resumed.keyring.generations == following.keyring.generations
+    assert resumed.keyring.sent == following.keyring.sent
+
+
+@pytest.mark.parametrize("phase", ["stage", "switch", "retire"])
+def test_lost_master_state_is_inferred_from_the_keyring(start: Decision, phase: str) -> None:
+    entered = next(d for d in rotate(start) if d.state.phase == phase)
+    behind = {n.name: AgentReport(n.name, 300, keyring_serial=0) for n in NODES}
+    inferred = decide(entered.keyring, None, NODES, behind, 300, POLICY)
+    assert inferred.state.phase == phase and inferred.changed
+    assert inferred.keyring.generations == entered.keyring.generations
+
+
+def test_state_round_trip_and_garbage() -> None:
+    state = MasterState(
+        phase="switch",
+        rotation=3,
+        phase_serial=9,
+        last_rotation=5.0,
+        handled_request="x",
+        expired=("n2",),
+        history=({"rotation": 3, "stage": 1.0},),
+    )
+    assert loads_state(dumps_state(state)) == state
+    for bad in (None, "", "{", "[]", '{"phase": "dance", "rotation": 1, "phase_serial": 1}'):
+        assert loads_state(bad) is None
+
+
+def test_agent_reports_parse_tolerantly() -> None:
+    doc = {
+        "node": "n1",
+        "updated": 5.5,
+        "keyring_serial": 3,
+        "sent_generation": 2,
+        "generations": {"2": "sent"},
+        "reauthenticated": True,
+        "stale_ike_sas": 0,
+        "stale_peers": ["ov-n2"],
+        "peers_up": 3,
+        "peers_expected": 3,
+        "last_error": None,
+    }
+    report = AgentReport.from_status(doc)
+    assert report is not None
+    assert (report.heartbeat, report.keyring_serial, report.stale_peers) == (5.5, 3, ("n2",))
+    assert AgentReport.from_status({"node": "n1"}) is None
+    assert AgentReport.from_status({"updated": 1}) is None
+    odd = AgentReport.from_status({"node": "n1", "updated": 1, "keyring_serial": "3"})
+    assert odd is not None and odd.keyring_serial is None

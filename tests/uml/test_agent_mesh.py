@@ -1,0 +1,224 @@
+"""The agent against real charon daemons and a real kernel with ESP and IPIP (UML guest).
+
+Each test builds a Calico-like mesh, runs a real charon and a real agent process per node,
+publishes keyrings the way kubelet updates a mounted Secret, and checks the wire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster import Cluster, agent_events, loaded, sa_blocks, status, wait_for
+from mesh import Mesh, Node, ping_once
+
+from overlay_vici import keyring as kr
+from overlay_vici.files import KEYRING_FILE, publish_secret
+from overlay_vici.render import conn_name, secret_id
+
+FAST = ["--resync", "2", "--reauth-jitter", "1"]
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[Cluster]:
+    with Mesh(3, tmp_path) as mesh:
+        cluster = Cluster(mesh, FAST)
+        cluster.up()
+        yield cluster
+
+
+def warm_up(mesh: Mesh) -> None:
+    """Trigger every pair's trap policy; the first packets of a pair are dropped meanwhile."""
+    pinger = mesh.pinger()
+    pinger.start()
+    time.sleep(4)
+    pinger.stop()
+    for src in mesh.nodes:
+        for dst in mesh.nodes:
+            if src is not dst:
+                wait_for(
+                    f"{src.name} -> {dst.name} pod ping",
+                    lambda s=src, d=dst: ping_once(s, d, count=1, timeout=3).received,
+                )
+
+
+def assert_ipip_only_sas(node: Node, peers: list[Node]) -> None:
+    blocks = sa_blocks(node)
+    for peer in peers:
+        block = blocks.get(conn_name(peer.name))
+        assert block, f"{node.name} has no IKE_SA with {peer.name}:\n{blocks}"
+        assert "ESTABLISHED" in block
+        assert re.search(r"ipip: #\d+, reqid \d+, INSTALLED, TRANSPORT, ESP:AES_GCM_16-128", block)
+        # Both ends may initiate at once and hold two IKE_SAs for a while: check every child.
+        selectors = re.findall(r"^\s+(local|remote)\s+(\S+)$", block, re.M)
+        expected = {("local", f"{node.ip}/32[ipencap]"), ("remote", f"{peer.ip}/32[ipencap]")}
+        assert selectors and set(selectors) == expected, block
+
+
+@pytest.mark.parametrize("nodes", [3, 6])
+def test_every_pair_encrypted_and_only_ipip(tmp_path: Path, nodes: int) -> None:
+    """Every pair: IPIP-only transport CHILD_SAs, no plaintext IPIP, underlay untouched."""
+    with Mesh(nodes, tmp_path) as mesh:
+        Cluster(mesh, FAST).up()
+        warm_up(mesh)
+        for node in mesh.nodes:
+            assert_ipip_only_sas(node, [p for p in mesh.nodes if p is not node])
+        mesh.install_ipip_counters()
+        capture = mesh.capture()
+        pinger = mesh.pinger()
+        pinger.start()
+        time.sleep(3)
+        stats = pinger.stop()
+        kinds = capture.stop()
+        counters = mesh.read_counters()
+        # Node-to-node traffic that is not IPIP must stay out of IPsec: no ESP for it.
+        underlay = ping_once(mesh.nodes[0], mesh.nodes[1], count=3, underlay=True)
+        after = mesh.read_counters()
+        policies = mesh.nodes[0].run(["ip", "xfrm", "policy"]).stdout
+    assert all(s.sent > 0 and s.lost == 0 for s in stats.values()), stats
+    assert all(c.plain_ipip == 0 for c in counters.values()), counters
+    assert all(c.esp > 0 for c in counters.values()), counters
+    assert kinds["esp"] > 0 and kinds["ipip"] == 0, kinds
+    assert underlay.received == 3
+    assert after == counters, "the underlay ping was carried in ESP"
+    selectors = re.findall(r"^src \S+ dst \S+(.*)$", policies, re.M)
+    assert selectors and all(s.strip() == "proto 4" for s in selectors), policies
+
+
+def test_join_loads_one_connection_and_leave_unloads_it(cluster3: Cluster) -> None:
+    mesh = cluster3.mesh
+    old = list(mesh.nodes)
+    before = {node.name: loaded(node) for node in old}
+    newcomer = mesh.add_node()
+    keyring = dataclasses.replace(cluster3.keyring, serial=2, peers=tuple(cluster3.peers()))
+    cluster3.publish(keyring)
+    cluster3.start(newcomer)
+    cluster3.wait_applied(2)
+    for node in old:
+        conns, keys = loaded(node)
+        assert conns == before[node.name][0] | {conn_name(newcomer.name)}
+        assert keys == before[node.name][1] | {secret_id(newcomer.name, keyring.sent)}
+        assert agent_events(node, "reconciled")[-1]["commands"] == 2  # one key, one conn
+    wait_for("n1 -> newcomer pod ping", lambda: ping_once(old[0], newcomer, timeout=3).received)
+    assert conn_name(newcomer.name) in sa_blocks(old[0])
+
+    leaving = dataclasses.replace(keyring, serial=3, peers=tuple(cluster3.peers(old)))
+    cluster3.publish(leaving, old)
+    cluster3.wait_applied(3, old)
+    for node in old:
+        assert loaded(node) == before[node.name]
+        assert conn_name(newcomer.name) not in sa_blocks(node)
+
+
+def test_child_sa_rekeying_loses_no_ping(tmp_path: Path) -> None:
+    with Mesh(3, tmp_path) as mesh:
+        Cluster(mesh, [*FAST, "--child-rekey-time", "10s"]).up()
+        warm_up(mesh)
+        spis = {node.name: child_spis(node) for node in mesh.nodes}
+        pinger = mesh.pinger()
+        pinger.start()
+        time.sleep(24)  # lifetime = 110% of rekey_time, so rekeying is due at 9-10 s
+        stats = pinger.stop()
+        rekeyed = {node.name: child_spis(node) for node in mesh.nodes}
+    assert all(not spis[name] & rekeyed[name] for name in spis), (spis, rekeyed)
+    assert all(s.sent > 400 and s.lost == 0 for s in stats.values()), stats
+
+
+def child_spis(node: Node) -> set[str]:
+    return set(re.findall(r"SPIs: ([0-9a-f]+_i)", "".join(sa_blocks(node).values())))
+
+
+def ike_sa_ids(node: Node) -> set[str]:
+    return set(re.findall(r"^\S+: #(\d+),", "".join(sa_blocks(node).values()), re.M))
+
+
+def test_generation_switch_reauthenticates_without_loss(cluster3: Cluster) -> None:
+    """stage -> switch -> retire with traffic flowing: every IKE_SA is replaced, no ping lost."""
+    mesh = cluster3.mesh
+    warm_up(mesh)
+    old_ids = {node.name: ike_sa_ids(node) for node in mesh.nodes}
+    first = cluster3.keyring
+    second = kr.Generation(first.sent + 1, kr.new_generation_key())
+    pinger = mesh.pinger()
+    pinger.start()
+    stage = dataclasses.replace(first, serial=2, generations=(*first.generations, second))
+    cluster3.publish(stage)
+    cluster3.wait_applied(2)
+    switch = dataclasses.replace(stage, serial=3, sent=second.id)
+    cluster3.publish(switch)
+    cluster3.wait_applied(3)
+    for node in mesh.nodes:
+        wait_for(
+            f"{node.name} to reauthenticate every IKE_SA",
+            lambda n=node: (
+                (status(n) or {}).get("stale_ike_sas") == 0 and not ike_sa_ids(n) & old_ids[n.name]
+            ),
+            timeout=60,
+        )
+    retire = dataclasses.replace(switch, serial=4, generations=(second,))
+    cluster3.publish(retire)
+    cluster3.wait_applied(4)
+    time.sleep(3)
+    stats = pinger.stop()
+    for node in mesh.nodes:
+        _, keys = loaded(node)
+        assert all(key.endswith(f"-g{second.id}") for key in keys), keys
+        assert status(node)["generations"] == {str(second.id): "sent"}
+        assert len(sa_blocks(node)) == 2, "one IKE_SA per peer after reauthentication"
+    xfrm = {n.name: n.run(["cat", "/proc/net/xfrm_stat"]).stdout for n in mesh.nodes}
+    assert all(s.sent > 100 and s.lost == 0 for s in stats.values()), (stats, xfrm)
+
+
+BAD_KEYRINGS = {
+    "garbage": b"\x00\xffnot json at all",
+    "truncated": None,  # filled in from the good keyring
+    "empty": b"",
+    "ten megabytes": b"{" + b" " * (10 * 1024 * 1024),
+    "bad base64": None,
+    "unknown version": None,
+}
+
+
+def bad_keyring(kind: str, good: kr.Keyring) -> bytes:
+    text = kr.dumps(good)
+    if kind == "truncated":
+        return text[: len(text) // 2].encode()
+    if kind == "bad base64":
+        return re.sub(r'"key": "[^"]+"', '"key": "!!!"', text, count=1).encode()
+    if kind == "unknown version":
+        return text.replace('"version": 1', '"version": 99').encode()
+    return BAD_KEYRINGS[kind]
+
+
+def fresh_error(node: Node, since: float) -> dict | None:
+    report = status(node) or {}
+    return report if report.get("updated", 0) > since and report.get("last_error") else None
+
+
+def test_bad_keyrings_keep_loaded_state(cluster3: Cluster) -> None:
+    mesh = cluster3.mesh
+    warm_up(mesh)
+    node = mesh.nodes[0]
+    before = loaded(node)
+    pinger = mesh.pinger()
+    pinger.start()
+    for kind in BAD_KEYRINGS:
+        published = time.time()
+        publish_secret(
+            node.dir / "keys", {KEYRING_FILE: bad_keyring(kind, cluster3.keyring).decode("latin-1")}
+        )
+        report = wait_for(
+            f"agent to reject the {kind} keyring",
+            lambda t=published: fresh_error(node, t),
+            timeout=20,
+        )
+        error = report["last_error"]
+        assert error.count(". ") == 0 and "keeping keyring serial 1" in error, error
+        assert loaded(node) == before
+        assert status(node)["keyring_serial"] == 1
+    stats = pinger.stop()
+    assert all(s.lost == 0 for s in stats.values()), stats
