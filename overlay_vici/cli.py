@@ -337,6 +337,21 @@ def _edge_errors() -> type[Exception]:
     return kube.KubeError if kube else _Never
 
 
+def _api_call(call, *args):  # type: ignore[no-untyped-def]
+    """A one-shot command's API call: any failure becomes one sentence (exit 2)."""
+    from kubernetes.client import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from overlay_vici.kube import KubeError
+
+    try:
+        return call(*args)
+    except ApiException as exc:
+        raise KubeError(f"the Kubernetes API refused: HTTP {exc.status} {exc.reason}") from None
+    except HTTPError as exc:
+        raise KubeError(f"cannot reach the Kubernetes API ({type(exc).__name__})") from None
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -413,7 +428,7 @@ def _rotate(args: argparse.Namespace) -> int:
         request_rotation(args.local)
     else:
         kube, _ = _kube_store(args)
-        kube.request_rotation(f"{time.time():.6f}-{secrets.token_hex(4)}")
+        _api_call(kube.request_rotation, f"{time.time():.6f}-{secrets.token_hex(4)}")
     print("rotation requested; follow it with `overlay-vici status`")
     return 0
 
@@ -436,10 +451,10 @@ def _status(args: argparse.Namespace) -> int:
         reports = read_reports(args.local, names)
     else:
         kube, _ = _kube_store(args)
-        snapshot = kube.read()
+        snapshot = _api_call(kube.read)
         if snapshot.keyring is None:
             raise ValueError(f"no Secret {kube.namespace}/{kube.secret}; is the master running?")
-        reports = kube.reports()
+        reports = _api_call(kube.reports)
     view = mesh_status(snapshot, reports, time.time(), Policy(agent_timeout=args.agent_timeout))
     if args.json:
         print(json.dumps(view, indent=1, sort_keys=True))
@@ -464,20 +479,28 @@ def _status_text(view: dict) -> str:  # type: ignore[type-arg]
     ]
     if view["expired"]:
         lines.append(f"expired agents, not waited for: {', '.join(view['expired'])}")
-    lines.append(
-        f"{'NODE':<16} {'AGENT':<8} {'HEARTBEAT':>9} {'SERIAL':>6} {'SAS':>7}  GENERATIONS  ERROR"
-    )
+    rows = [("NODE", "AGENT", "HEARTBEAT", "SERIAL", "SAS UP", "GENERATIONS", "LAST ERROR")]
     for node in view["nodes"]:
         if "keyring_serial" not in node:
-            lines.append(f"{node['node']:<16} {node['agent']:<8} {'-':>9} {'-':>6} {'-':>7}  -")
+            rows.append((node["node"], node["agent"], "-", "-", "-", "-", "-"))
             continue
-        gens = ",".join(f"{g}:{r}" for g, r in sorted(node["generations"].items())) or "-"
-        sas = f"{node['peers_up']}/{node['peers_expected']}"
-        lines.append(
-            f"{node['node']:<16} {node['agent']:<8} {node['heartbeat_age']:>8}s "
-            f"{node['keyring_serial'] if node['keyring_serial'] is not None else '-':>6} {sas:>7}  "
-            f"{gens:<11}  {node['last_error'] or '-'}"
+        serial = node["keyring_serial"]
+        rows.append(
+            (
+                node["node"],
+                node["agent"],
+                f"{node['heartbeat_age']}s",
+                "-" if serial is None else str(serial),
+                f"{node['peers_up']}/{node['peers_expected']}",
+                ",".join(f"{g}:{r}" for g, r in sorted(node["generations"].items())) or "-",
+                node["last_error"] or "-",
+            )
         )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    ]
     return "\n".join(lines) + "\n"
 
 

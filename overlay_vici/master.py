@@ -177,6 +177,7 @@ def mesh_status(
         return {"active_generation": None, "rotating": False, "serial": None, "nodes": []}
     state = consistent(keyring, parsed.state or MasterState())
     live, expired, absent = classify(keyring.peers, reports, now, policy)
+    live_names = set(live)
     nodes = []
     for peer in keyring.peers:
         report = reports.get(peer.name)
@@ -196,7 +197,7 @@ def mesh_status(
                 reauthenticated=report.reauthenticated,
                 last_error=report.last_error,
                 phase_done=state.rotating
-                and completed(report, state.phase, state.phase_serial, keyring.sent, set(live)),
+                and completed(report, state.phase, state.phase_serial, keyring.sent, live_names),
             )
         nodes.append(entry)
     due = (state.last_rotation or now) + policy.interval
@@ -216,7 +217,7 @@ def mesh_status(
             n
             for n, r in live.items()
             if state.rotating
-            and not completed(r, state.phase, state.phase_serial, keyring.sent, set(live))
+            and not completed(r, state.phase, state.phase_serial, keyring.sent, live_names)
         ),
         "expired": list(expired),
         "absent": list(absent),

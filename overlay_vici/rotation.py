@@ -192,10 +192,10 @@ def desired_peers(
             skipped.append((node.name, "invalid node name"))
         elif not node.ip:
             skipped.append((node.name, "no InternalIP"))
-        elif not _ipv4(node.ip):
+        elif (address := _ipv4(node.ip)) is None:
             skipped.append((node.name, f"InternalIP {node.ip} is not IPv4"))
         else:
-            candidates.append(kr.Peer(node.name, str(ipaddress.ip_address(node.ip))))
+            candidates.append(kr.Peer(node.name, address))
     holders = {p.ip: p.name for p in current}
     by_ip: dict[str, list[kr.Peer]] = {}
     for peer in candidates:
@@ -342,10 +342,11 @@ def decide(
                 ("rotation started", {"rotation": state.rotation + 1, "reason": why, "new": new_id})
             )
     else:
+        live_names = set(live)
         waiting = tuple(
             name
             for name, report in sorted(live.items())
-            if not completed(report, state.phase, state.phase_serial, sent, set(live))
+            if not completed(report, state.phase, state.phase_serial, sent, live_names)
         )
         if not waiting:
             nxt = PHASES[(PHASES.index(state.phase) + 1) % len(PHASES)]
@@ -387,11 +388,13 @@ def _normalise(keyring: kr.Keyring) -> tuple[tuple[kr.Generation, ...], int]:
     return generations, keyring.sent
 
 
-def _ipv4(value: str) -> bool:
+def _ipv4(value: str) -> str | None:
+    """The canonical form of an IPv4 address, or None."""
     try:
-        return ipaddress.ip_address(value).version == 4
+        address = ipaddress.ip_address(value)
     except ValueError:
-        return False
+        return None
+    return str(address) if address.version == 4 else None
 
 
 def _number(value: Any) -> bool:

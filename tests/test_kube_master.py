@@ -442,3 +442,26 @@ def test_report_lease_copies_the_agents_report_and_stops_when_it_does(
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_only_labelled_leases_count_as_reports_and_api_errors_are_one_sentence(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h, kube = harness, harness.kube
+    master = h.master()
+    master.step()
+    h.ack("n1")
+    stray = kube.get("leases", lease_name("n1"), NS)
+    assert stray is not None
+    stray["metadata"]["name"] = "not-an-ack"
+    stray["metadata"]["labels"] = {}
+    kube.apply("leases", stray, NS)
+    assert set(master.store.reports()) == {"n1"}  # the labelSelector leaves the stray out
+    kube.delete("secrets", SECRET, NS)
+    assert main(["status", "--server", h.kube.url, "--namespace", NS]) == 2
+    assert capsys.readouterr().err == (
+        f"overlay-vici: no Secret {NS}/{SECRET}; is the master running?\n"
+    )
+    assert main(["rotate", "--server", "http://127.0.0.1:9", "--namespace", NS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("overlay-vici: cannot reach the Kubernetes API") and err.count("\n") == 1

@@ -206,3 +206,13 @@ def test_a_second_local_master_on_the_same_state_refuses(tmp_path: Path) -> None
     assert events[0] == "master starting" and "keyring created" in events
     assert events[-1] == "master stopped"
     assert not any("key" in json.loads(line) for line in err.decode().splitlines())
+
+
+def test_the_agent_side_never_imports_kubernetes() -> None:
+    """`kubernetes` is the [master] extra: the agent, the Lease edge and local mode do without."""
+    code = (
+        "import sys, overlay_vici.agent, overlay_vici.cli, overlay_vici.lease, "
+        "overlay_vici.local, overlay_vici.master, overlay_vici.rotation; "
+        "sys.exit('kubernetes' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

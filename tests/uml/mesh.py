@@ -423,7 +423,7 @@ class Pinger:
     def start(self) -> None:
         for src, dst in self.pairs:
             self._running[src.name, dst.name] = src.spawn(
-                ["ping", "-n", "-i", str(PING_INTERVAL), "-I", src.pod_ip, dst.pod_ip],
+                ["ping", "-n", "-D", "-i", str(PING_INTERVAL), "-I", src.pod_ip, dst.pod_ip],
                 self._log(src.name, dst.name),
             )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import vici
 from cluster import Cluster, LocalMaster, loaded, status, wait_for
-from mesh import Mesh, Node, PairStats, ping_once
+from mesh import Mesh, Node, PairStats, Pinger, ping_once
 from test_agent_mesh import warm_up
 
 from overlay_vici.render import conn_name, is_owned_conn
@@ -114,6 +115,48 @@ def record(result: dict[str, Any]) -> None:
             out.write(json.dumps(result) + "\n")
 
 
+def xfrm_drops(mesh: Mesh) -> dict[str, int]:
+    """The kernels' IPsec error counters summed over the nodes (/proc/net/xfrm_stat), to tell
+    where a lost packet went: XfrmInNoStates counts ESP that arrived for an SA not (yet or
+    any more) installed."""
+    totals: dict[str, int] = {}
+    for node in mesh.nodes:
+        for line in node.run(["cat", "/proc/net/xfrm_stat"]).stdout.splitlines():
+            name, value = line.split()
+            totals[name] = totals.get(name, 0) + int(value)
+    return totals
+
+
+def lost_at(pinger: Pinger) -> list[tuple[str, float]]:
+    """(pair, time) of each lost probe, midway between the replies around it: the mesh's
+    pings run with -D, so every reply line carries its time."""
+    result = []
+    for src, dst in pinger.pairs:
+        text = (pinger.logdir / f"{src.name}-{dst.name}.log").read_text()
+        replies = {
+            int(seq): float(t)
+            for t, seq in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", text, re.M)
+        }
+        for seq in range(min(replies, default=0), max(replies, default=0)):
+            if seq not in replies:
+                before = max(k for k in replies if k < seq)
+                after = min(k for k in replies if k > seq)
+                share = (seq - before) / (after - before)
+                when = replies[before] + (replies[after] - replies[before]) * share
+                result.append((f"{src.name}->{dst.name}", round(when, 2)))
+    return result
+
+
+def phase_at(history: dict[str, float], when: float) -> str:
+    """Which phase of the rotation a moment falls in."""
+    marks = sorted((t, phase) for phase, t in history.items() if phase != "rotation")
+    current = "before stage"
+    for t, phase in marks:
+        if when >= t:
+            current = phase
+    return current
+
+
 def lost(stats: dict[tuple[str, str], PairStats]) -> int:
     return sum(s.lost for s in stats.values())
 
@@ -123,7 +166,8 @@ def test_three_rotations_lose_no_packet(mesh4: tuple[Mesh, LocalMaster, Cluster]
     mesh.install_ipip_counters()
     losses = []
     for rotation in (1, 2, 3):
-        pinger = mesh.pinger()
+        drops = xfrm_drops(mesh)
+        pinger = Pinger(mesh.nodes, mesh.workdir / f"ping-{rotation}")
         pinger.start()
         time.sleep(0.5)
         requested = time.time()
@@ -132,6 +176,8 @@ def test_three_rotations_lose_no_packet(mesh4: tuple[Mesh, LocalMaster, Cluster]
         done = time.time()
         time.sleep(0.5)
         stats = pinger.stop()
+        after = xfrm_drops(mesh)
+        drops = {k: after[k] - drops.get(k, 0) for k in after if after[k] != drops.get(k, 0)}
         history = doc["history"][-1]
         active = master.keyring().sent
         for node in mesh.nodes:
@@ -149,6 +195,10 @@ def test_three_rotations_lose_no_packet(mesh4: tuple[Mesh, LocalMaster, Cluster]
                 "pings_sent": sum(s.sent for s in stats.values()),
                 "pings_lost": lost(stats),
                 "longest_outage": max(s.longest_outage for s in stats.values()),
+                "lost_at": [
+                    (pair, when, phase_at(history, when)) for pair, when in lost_at(pinger)
+                ],
+                "xfrm_errors": drops,
             }
         )
         assert all(s.sent > 0 for s in stats.values()), stats
@@ -201,6 +251,9 @@ def test_rotation_while_an_agent_is_down(mesh4: tuple[Mesh, LocalMaster, Cluster
                 s.lost for pair, s in stats.items() if down.name not in pair
             ),
             "pings_lost_with_down": sum(s.lost for pair, s in stats.items() if down.name in pair),
+            "lost_at": [
+                (pair, when, phase_at(doc["history"][-1], when)) for pair, when in lost_at(pinger)
+            ],
         }
     )
     assert all(s.sent > 0 for s in stats.values())
@@ -234,5 +287,13 @@ def test_node_join_and_leave_during_a_rotation(mesh4: tuple[Mesh, LocalMaster, C
         assert ping_once(node, joining, count=3, timeout=10).received == 3
         assert ping_once(joining, node, count=3, timeout=10).received == 3
     stats = pinger.stop()
+    history = master.state_doc()["history"][-1]
+    record(
+        {
+            "test": "join_and_leave",
+            "pings_lost": lost(stats),
+            "lost_at": [(pair, when, phase_at(history, when)) for pair, when in lost_at(pinger)],
+        }
+    )
     assert all(s.sent > 0 for s in stats.values())
     assert lost(stats) == 0, {pair: s for pair, s in stats.items() if s.lost}
