@@ -104,6 +104,8 @@ class Master:
             except kr.KeyringError as exc:
                 self._error(f"the Secret's keyring is unusable ({exc}); fix or delete it")
                 return None
+            if parsed.keyring is None and nodes is None:
+                return None  # no first keyring before the first node list
             decision = decide(
                 parsed.keyring,
                 parsed.state,

@@ -197,9 +197,7 @@ def test_expired_and_absent_agents_are_reported_and_skipped(start: Decision) -> 
 
 def test_stale_sas_only_towards_expired_peers_do_not_hold_retire(start: Decision) -> None:
     switch = rotate(start)[1]
-    reports = ack(
-        switch, ["n1", "n2", "n3"], now=200, reauthenticated=False, stale_peers=("n4",)
-    )
+    reports = ack(switch, ["n1", "n2", "n3"], now=200, reauthenticated=False, stale_peers=("n4",))
     reports["n4"] = dataclasses.replace(reports["n1"], node="n4", heartbeat=100)  # expired
     assert step(switch, reports, 200).state.phase == "retire"
     # Stale towards a live peer does hold it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -180,25 +180,33 @@ def test_generation_switch_reauthenticates_without_loss(cluster3: Cluster) -> No
     assert sum(lost.values()) <= 2, stats
 
 
-BAD_KEYRINGS = {
-    "garbage": b"\x00\xffnot json at all",
-    "truncated": None,  # filled in from the good keyring
-    "empty": b"",
-    "ten megabytes": b"{" + b" " * (10 * 1024 * 1024),
-    "bad base64": None,
-    "unknown version": None,
+def _edit(good: kr.Keyring, **changes: object) -> str:
+    return kr.dumps(dataclasses.replace(good, **changes))  # type: ignore[arg-type]
+
+
+def _short_key(good: kr.Keyring) -> str:
+    return _edit(good, generations=(kr.Generation(good.sent, b"short"),))
+
+
+def _duplicate(good: kr.Keyring, field: str) -> str:
+    first = good.peers[0]
+    twin = dataclasses.replace(good.peers[1], **{field: getattr(first, field)})
+    return _edit(good, peers=(first, twin, *good.peers[2:]))
+
+
+# Each defect the keyring parser must refuse, as the bytes kubelet would hand the agent.
+BAD_KEYRINGS: dict[str, Callable[[kr.Keyring], str | bytes]] = {
+    "garbage": lambda good: b"\x00\xffnot json at all",
+    "truncated": lambda good: kr.dumps(good)[: len(kr.dumps(good)) // 2],
+    "empty": lambda good: b"",
+    "ten megabytes": lambda good: b"{" + b" " * (10 * 1024 * 1024),
+    "bad base64": lambda good: re.sub(r'"key": "[^"]+"', '"key": "!!!"', kr.dumps(good), count=1),
+    "unknown version": lambda good: kr.dumps(good).replace('"version": 1', '"version": 99'),
+    "short key": _short_key,
+    "duplicate name": lambda good: _duplicate(good, "name"),
+    "duplicate IP": lambda good: _duplicate(good, "ip"),
+    "invalid IP": lambda good: kr.dumps(good).replace(good.peers[1].ip, "10.99.0.300"),
 }
-
-
-def bad_keyring(kind: str, good: kr.Keyring) -> bytes:
-    text = kr.dumps(good)
-    if kind == "truncated":
-        return text[: len(text) // 2].encode()
-    if kind == "bad base64":
-        return re.sub(r'"key": "[^"]+"', '"key": "!!!"', text, count=1).encode()
-    if kind == "unknown version":
-        return text.replace('"version": 1', '"version": 99').encode()
-    return BAD_KEYRINGS[kind]
 
 
 def fresh_error(node: Node, since: float) -> dict | None:
@@ -213,11 +221,11 @@ def test_bad_keyrings_keep_loaded_state(cluster3: Cluster) -> None:
     before = loaded(node)
     pinger = mesh.pinger()
     pinger.start()
-    for kind in BAD_KEYRINGS:
+    for kind, make in BAD_KEYRINGS.items():
         published = time.time()
-        publish_secret(
-            node.dir / "keys", {KEYRING_FILE: bad_keyring(kind, cluster3.keyring).decode("latin-1")}
-        )
+        bad = make(cluster3.keyring)
+        text = bad.decode("latin-1") if isinstance(bad, bytes) else bad
+        publish_secret(node.dir / "keys", {KEYRING_FILE: text})
         report = wait_for(
             f"agent to reject the {kind} keyring",
             lambda t=published: fresh_error(node, t),
@@ -229,3 +237,48 @@ def test_bad_keyrings_keep_loaded_state(cluster3: Cluster) -> None:
         assert status(node)["keyring_serial"] == 1
     stats = pinger.stop()
     assert all(s.lost == 0 for s in stats.values()), stats
+
+
+def df_ping(src: Node, dst: Node, packet: int) -> int:
+    """Replies to three pod-to-pod pings of `packet` bytes (IP) with DF set."""
+    result = src.run(
+        [
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            str(packet - 28),
+            "-I",
+            src.pod_ip,
+            dst.pod_ip,
+        ],
+        check=False,
+    )
+    match = re.search(r"(\d+) received", result.stdout)
+    return int(match[1]) if match else 0
+
+
+def test_overlay_vici_mtu_is_the_largest_that_fits(tmp_path: Path) -> None:
+    """`overlay-vici mtu 1500` (1446) crosses a 1500-byte wire encrypted; 4 bytes more do not."""
+    from overlay_vici.mtu import ipip_mtu
+
+    with Mesh(2, tmp_path) as mesh:
+        Cluster(mesh, FAST).up()
+        warm_up(mesh)
+        src, dst = mesh.nodes
+        for node in mesh.nodes:
+            node.run(["ip", "link", "set", "tunl0", "mtu", "1500"])
+        safe = ipip_mtu(1500)
+        fits, too_big = df_ping(src, dst, safe), df_ping(src, dst, safe + 4)
+        assert_ipip_only_sas(src, [dst])
+    assert safe == 1446
+    assert fits == 3
+    assert too_big == 0
