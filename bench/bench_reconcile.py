@@ -3,21 +3,30 @@
 For every peer count N (node n0 plus N peers, a keyring of two generations, so 2 keys and
 1 connection per peer) and all in one run against one charon, this measures side by side:
 
-1. the agent's full reconcile: Agent.step() into an empty charon, its VICI message count
-   and how the time splits (read keyring, render = jinja2 + HKDF, parse, plan, send,
-   charon queries), by wrapping the very functions the agent calls;
+1. the agent's full reconcile: Agent.step() into an empty charon, its VICI messages by
+   command, and how the time splits (read keyring bytes, validate, render = jinja2 + HKDF,
+   parse, digests, plan, send by command, charon queries), by wrapping the very functions
+   the agent calls;
 2. the lower bound: the same load-shared/load-conn messages sent in a plain loop over one
    vici.Session into an emptied charon;
 3. `swanctl --load-all --file` of the same rendered swanctl.conf into an emptied charon;
 4. steady state: a step with nothing changed (--steady-repeat of them), and a step after
-   one peer was added; steps in which charon's `stats` "since" (the agent's restart marker)
-   moved, so that the agent resent everything, are counted and timed apart;
+   one peer was added (--repeat of them);
 5. resident memory of a process that ran the full reconcile, against a process that only
    imported the same modules (both in subprocesses, so this process does not pollute them).
 
+The node with the lowest IP of a pair also sends one asynchronous `initiate` (timeout -1)
+per newly loaded connection. So that 1-4 compare like with like (swanctl and the plain
+loop only load), n0 has the *highest* IP there and sends loads only. The same full
+reconcile, steady and one-peer-change steps are then measured again with n0 at the
+*lowest* IP, so that it initiates to every peer; `initiate` messages are counted and timed
+apart from the load-* ones. No peer exists, so every IKE_SA stays CONNECTING and charon
+retransmits into a network namespace without routes; the run reports that, and every
+measurement starts from a charon whose IKE_SAs were all terminated.
+
 charon runs in private mount and network namespaces when run as root (its pid file is
 hard-coded to /var/run/charon.pid, and its trap policies then stay out of the host's XFRM
-tables); --no-isolate starts it plainly.
+tables); --no-isolate starts it plainly (do not: the initiations would then leave the host).
 
     .venv/bin/python bench/bench_reconcile.py --peers 10,1000 --repeat 3 --out results.md
 """
@@ -37,9 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -47,6 +56,7 @@ from typing import Any
 from unittest import mock
 
 import vici
+from vici.exception import CommandException
 
 from overlay_vici import agent as agent_module
 from overlay_vici import render as render_module
@@ -54,21 +64,51 @@ from overlay_vici.agent import Agent, AgentConfig
 from overlay_vici.charon import Charon
 from overlay_vici.files import publish_secret
 from overlay_vici.keyring import Generation, Keyring, Peer, dumps, new_generation_key
+from overlay_vici.plan import Command, Desired
 from overlay_vici.render import Settings, strongswan_conf
 from overlay_vici.swanctl_conf import Messages
 
 NODE = "n0"
-FIRST_IP = IPv4Address("10.0.0.1")
+PEER_BASE = IPv4Address("10.0.0.1")  # peer n<i> has PEER_BASE + i, for i = 1 .. N (+ added)
 SETTINGS = Settings()
 # The agent's functions whose time the split reports, as looked up by overlay_vici.agent.
 AGENT_FUNCTIONS = {
-    "read_keyring": "read keyring",
+    "read_keyring_bytes": "read keyring",
+    "loads": "validate",
     "swanctl_conf": "render",
     "to_messages": "parse",
     "plan": "plan",
 }
-CHARON_QUERIES = ("started", "loaded_conns", "loaded_shared", "ike_sas")
-SPLIT_ORDER = ("read keyring", "render", "hkdf", "parse", "plan", "send", "queries", "other")
+# Charon methods the agent queries with, and the label of each.
+CHARON_QUERIES = {"loaded_conns": "queries", "loaded_shared": "queries", "ike_sas": "list-sas"}
+SPLIT_ORDER = (
+    "read keyring",
+    "validate",
+    "render",
+    "hkdf",
+    "parse",
+    "digests",
+    "plan",
+    "send load-*",
+    "send initiate",
+    "send other",
+    "queries",
+    "list-sas",
+    "other",
+)
+# What charon logs when an IKE_SA_INIT meets a namespace without routes: expected here.
+UNREACHABLE = "error writing to socket: Network is unreachable"
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    node_ip: IPv4Address
+
+
+# n0 above every peer: it only loads. n0 below every peer: it also initiates to each.
+LOAD_ONLY = Role("highest IP", IPv4Address("10.255.255.254"))
+INITIATOR = Role("lowest IP", PEER_BASE)
 
 # Runs in a fresh interpreter: import what the agent imports, optionally run one full
 # reconcile, then report this process's resident memory in kB.
@@ -77,7 +117,7 @@ import json, sys
 from pathlib import Path
 
 import overlay_vici.agent, overlay_vici.charon, overlay_vici.files, overlay_vici.keyring
-import overlay_vici.plan, overlay_vici.render, overlay_vici.swanctl_conf
+import overlay_vici.plan, overlay_vici.render, overlay_vici.sa_plan, overlay_vici.swanctl_conf
 from overlay_vici.agent import Agent, AgentConfig
 from overlay_vici.charon import Charon
 from overlay_vici.render import Settings
@@ -188,9 +228,24 @@ class PrivateCharon:
             info = session.request("version")
         return " ".join(info[k].decode() for k in ("daemon", "version", "sysname", "release"))
 
-    def empty(self) -> None:
-        """Unload every connection and shared key, so that the next load starts from zero."""
+    def empty(self) -> int:
+        """Drop every IKE_SA, then unload every connection and shared key, so that the next
+        load starts from zero and no retransmission runs meanwhile. Returns the IKE_SAs
+        dropped."""
         with self.session() as session:
+            dropped = 0
+            deadline = time.monotonic() + 60
+            while ids := self._ike_sa_ids(session):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"charon still holds {len(ids)} IKE_SAs after 60 s")
+                for ike_id in ids:
+                    # force: no DELETE to a peer that never answered; -1: do not wait.
+                    with suppress(CommandException):  # it went away meanwhile
+                        session.request(
+                            "terminate", {"ike-id": ike_id, "force": "yes", "timeout": "-1"}
+                        )
+                dropped += len(ids)
+                time.sleep(0.05)
             for name in session.request("get-conns").get("conns", []):
                 session.request("unload-conn", {"name": name})
             for key_id in session.request("get-shared").get("keys", []):
@@ -200,6 +255,12 @@ class PrivateCharon:
             )
         if left:
             raise RuntimeError(f"charon still holds {left} connections/keys after unloading")
+        return dropped
+
+    @staticmethod
+    def _ike_sa_ids(session: vici.Session) -> list[str]:
+        events = session.streamed_request("list-sas", "list-sa", {"noblock": "yes"})
+        return [sa["uniqueid"].decode() for event in events for sa in event.values()]
 
     def loaded(self) -> tuple[int, int]:
         with self.session() as session:
@@ -212,14 +273,21 @@ class PrivateCharon:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def problems(self) -> list[str]:
+    def log_mark(self) -> int:
+        """Where the log ends now: problems(since=mark) then sees only what follows."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def problems(self, since: int = 0, until: int | None = None) -> list[str]:
         """Log lines that say something failed, but not the start-up chatter."""
         if not self.log_path.exists():
             return []
+        with self.log_path.open("rb") as handle:
+            handle.seek(since)
+            data = handle.read() if until is None else handle.read(until - since)
         pattern = re.compile(r"unable|failed|error|refus", re.IGNORECASE)
         return [
             line
-            for line in self.log_path.read_text(errors="replace").splitlines()
+            for line in data.decode(errors="replace").splitlines()
             if pattern.search(line) and " 00[" not in line
         ]
 
@@ -227,16 +295,20 @@ class PrivateCharon:
 # --------------------------------------------------------------------------- keyring
 
 
-def make_keyring(peers: int) -> Keyring:
-    """n0 and n1..nN on consecutive IPs; generation 2 is sent, 1 only accepted."""
-    nodes = tuple(Peer(f"n{i}", str(FIRST_IP + i)) for i in range(peers + 1))
+def make_keyring(peers: int, role: Role) -> Keyring:
+    """n0 at the role's IP and n1..nN at PEER_BASE + i; generation 2 is sent, 1 accepted."""
+    nodes = (
+        Peer(NODE, str(role.node_ip)),
+        *(Peer(f"n{i}", str(PEER_BASE + i)) for i in range(1, peers + 1)),
+    )
     generations = (Generation(1, new_generation_key()), Generation(2, new_generation_key()))
     return Keyring(serial=1, sent=2, generations=generations, peers=nodes)
 
 
 def with_one_more_peer(keyring: Keyring) -> Keyring:
+    """The next peer's IP is above every other peer's and still below the load-only n0."""
     index = len(keyring.peers)
-    peer = Peer(f"n{index}", str(FIRST_IP + index))
+    peer = Peer(f"n{index}", str(PEER_BASE + index))
     return replace(keyring, serial=keyring.serial + 1, peers=(*keyring.peers, peer))
 
 
@@ -254,11 +326,10 @@ class Split:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     results: dict[str, Any] = field(default_factory=dict)
+    sent: Counter[str] = field(default_factory=Counter)  # VICI command -> sends via _send
 
-    def wrap(
-        self, label: str, function: Callable[..., Any], keep: str | None = None
-    ) -> Callable[..., Any]:
-        """Time `function` under `label`; remember its last result under `keep` or `label`."""
+    def wrap(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Time `function` under `label`; remember its last result under `label`."""
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -267,8 +338,25 @@ class Split:
             finally:
                 self.seconds[label] += time.perf_counter() - started
                 self.calls[label] += 1
-            self.results[keep or label] = result
+            self.results[label] = result
             return result
+
+        return timed
+
+    def wrap_send(self, send: Callable[[Command], bool]) -> Callable[[Command], bool]:
+        """Agent._send, timed under its command's kind and counted per VICI command."""
+
+        def timed(command: Command) -> bool:
+            kind = command.command
+            label = "send load-*" if kind.startswith("load-") else f"send {kind}"
+            if label not in ("send load-*", "send initiate"):
+                label = "send other"
+            self.sent[kind] += 1
+            started = time.perf_counter()
+            try:
+                return send(command)
+            finally:
+                self.seconds[label] += time.perf_counter() - started
 
         return timed
 
@@ -280,11 +368,14 @@ def instrumented(agent: Agent) -> Iterator[Split]:
         for name, label in AGENT_FUNCTIONS.items():
             wrapped = split.wrap(label, getattr(agent_module, name))
             stack.enter_context(mock.patch.object(agent_module, name, wrapped))
+        # Desired.of computes the digest of every desired message once per accepted keyring.
+        wrapped = split.wrap("digests", Desired.of)
+        stack.enter_context(mock.patch.object(Desired, "of", wrapped))
         wrapped = split.wrap("hkdf", render_module.pair_psk)
         stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
-        stack.enter_context(mock.patch.object(agent, "_send", split.wrap("send", agent._send)))
-        for name in CHARON_QUERIES:
-            wrapped = split.wrap("queries", getattr(agent.charon, name), keep=name)
+        stack.enter_context(mock.patch.object(agent, "_send", split.wrap_send(agent._send)))
+        for name, label in CHARON_QUERIES.items():
+            wrapped = split.wrap(label, getattr(agent.charon, name))
             stack.enter_context(mock.patch.object(agent.charon, name, wrapped))
         yield split
 
@@ -292,18 +383,24 @@ def instrumented(agent: Agent) -> Iterator[Split]:
 @dataclass
 class StepSample:
     seconds: float
-    messages: int
-    loads: int
+    messages: int  # every VICI request of the step, queries included
+    sent: Counter[str]  # what the agent sent through _send, per VICI command
     split: dict[str, float]
-    text: str | None
-    # charon's "since" (the agent's restart marker) as this step read it, and whether it
-    # differed from the previous step's: the agent then forgets what it sent and resends all.
-    since: str
-    since_moved: bool
+    text: str | None  # the rendered swanctl.conf, if the step rendered
+    sessions: int  # VICI sessions opened: each new one clears the agent's sent digests
+    sas: int  # IKE_SAs the step's list-sas returned
+
+    @property
+    def loads(self) -> int:
+        return sum(n for command, n in self.sent.items() if command.startswith("load-"))
+
+    @property
+    def initiates(self) -> int:
+        return self.sent["initiate"]
 
 
-def timed_step(agent: Agent, previous: StepSample | None = None) -> StepSample:
-    before = agent.charon.messages
+def timed_step(agent: Agent) -> StepSample:
+    before, sessions = agent.charon.messages, agent.charon.sessions
     with instrumented(agent) as split:
         started = time.perf_counter()
         agent.step()
@@ -311,27 +408,26 @@ def timed_step(agent: Agent, previous: StepSample | None = None) -> StepSample:
     if agent.last_error:
         raise RuntimeError(f"agent step failed: {agent.last_error}")
     pieces = dict(split.seconds)
-    # HKDF runs inside render; "other" is what no wrapper saw (status, reauth, compare ...).
+    # HKDF runs inside render; "other" is what no wrapper saw (_initiated, _mark_applied,
+    # plan_sas, logging ...).
     pieces["other"] = seconds - sum(v for k, v in pieces.items() if k != "hkdf")
     return StepSample(
         seconds,
         agent.charon.messages - before,
-        split.calls["send"],
+        split.sent,
         pieces,
         split.results.get("render"),
-        split.results["started"],
-        previous is not None and split.results["started"] != previous.since,
+        agent.charon.sessions - sessions,
+        len(agent.sas),
     )
 
 
-def steps(
-    agent: Agent, count: int, before: StepSample, prepare: Callable[[], None]
-) -> list[StepSample]:
-    samples = [before]
+def steps(agent: Agent, count: int, prepare: Callable[[], None]) -> list[StepSample]:
+    samples = []
     for _ in range(count):
         prepare()
-        samples.append(timed_step(agent, samples[-1]))
-    return samples[1:]
+        samples.append(timed_step(agent))
+    return samples
 
 
 def new_agent(keys: Path, charon: PrivateCharon) -> Agent:

@@ -6,7 +6,9 @@ so what an operator previews is exactly what the agent loads.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +17,17 @@ import jinja2
 
 from overlay_vici.keyring import Keyring, Peer, pair_psk
 
-BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "swanctl"
+
+def _builtin_templates() -> Path:
+    """The checkout's templates/swanctl, or the copy a wheel installs under sys.prefix."""
+    if configured := os.environ.get("OVERLAY_VICI_TEMPLATES"):
+        return Path(configured)
+    checkout = Path(__file__).resolve().parent.parent / "templates" / "swanctl"
+    installed = Path(sys.prefix) / "share" / "overlay-vici" / "templates" / "swanctl"
+    return checkout if checkout.is_dir() else installed
+
+
+BUILTIN_TEMPLATES = _builtin_templates()
 CONN_PREFIX = "ov-"
 _DURATION = re.compile(r"^\d+[smhd]?$")
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
