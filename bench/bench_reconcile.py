@@ -9,7 +9,8 @@ For every peer count N (node n0 plus N peers, a keyring of two generations, so 2
    the agent calls;
 2. the lower bound: the same load-shared/load-conn messages sent in a plain loop over one
    vici.Session into an emptied charon;
-3. `swanctl --load-all --file` of the same rendered swanctl.conf into an emptied charon;
+3. `swanctl --load-all --file` of the same rendered swanctl.conf into an emptied charon
+   (2 and 3 run just before each run of 1, so that drifting host load hits all three);
 4. steady state: a step with nothing changed (--steady-repeat of them), and a step after
    one peer was added (--repeat of them);
 5. resident memory of a process that ran the full reconcile, against a process that only
@@ -66,7 +67,7 @@ from overlay_vici.files import publish_secret
 from overlay_vici.keyring import Generation, Keyring, Peer, dumps, new_generation_key
 from overlay_vici.plan import Command, Desired
 from overlay_vici.render import Settings, strongswan_conf
-from overlay_vici.swanctl_conf import Messages
+from overlay_vici.swanctl_conf import Messages, to_messages
 
 NODE = "n0"
 PEER_BASE = IPv4Address("10.0.0.1")  # peer n<i> has PEER_BASE + i, for i = 1 .. N (+ added)
@@ -277,13 +278,13 @@ class PrivateCharon:
         """Where the log ends now: problems(since=mark) then sees only what follows."""
         return self.log_path.stat().st_size if self.log_path.exists() else 0
 
-    def problems(self, since: int = 0, until: int | None = None) -> list[str]:
+    def problems(self, since: int = 0) -> list[str]:
         """Log lines that say something failed, but not the start-up chatter."""
         if not self.log_path.exists():
             return []
         with self.log_path.open("rb") as handle:
             handle.seek(since)
-            data = handle.read() if until is None else handle.read(until - since)
+            data = handle.read()
         pattern = re.compile(r"unable|failed|error|refus", re.IGNORECASE)
         return [
             line
@@ -439,16 +440,27 @@ def new_agent(keys: Path, charon: PrivateCharon) -> Agent:
 
 
 @dataclass
-class Result:
-    peers: int
+class Phases:
+    """One role's agent steps at one N, and what charon logged as failed meanwhile."""
+
     full: list[StepSample] = field(default_factory=list)
     steady: list[StepSample] = field(default_factory=list)
     change: list[StepSample] = field(default_factory=list)
+    dropped: int = 0  # IKE_SAs terminated after the role's last step
+    problems: list[str] = field(default_factory=list)  # charon failure lines meanwhile
+
+
+@dataclass
+class Result:
+    peers: int
+    agent: Phases = field(default_factory=Phases)  # n0 at the highest IP: loads only
+    initiator: Phases | None = None  # n0 at the lowest IP: loads + initiates
     lower: list[float] = field(default_factory=list)
     lower_messages: int = 0
     swanctl: list[float] = field(default_factory=list)
     swanctl_empty: list[float] = field(default_factory=list)
     swanctl_loaded: str = ""
+    problems: list[str] = field(default_factory=list)  # charon failure lines, n0 highest IP
     memory_base: dict[str, int] = field(default_factory=dict)
     memory_agent: dict[str, int] = field(default_factory=dict)
     conf_bytes: int = 0
@@ -491,6 +503,53 @@ def memory(mode: str, *args: str) -> dict[str, int]:
     return json.loads(done.stdout)
 
 
+def agent_phases(
+    role: Role,
+    keyring: Keyring,
+    repeat: int,
+    steady_repeat: int,
+    workdir: Path,
+    charon: PrivateCharon,
+    before_full: Callable[[], None] = lambda: None,
+) -> tuple[Phases, Messages]:
+    """Full reconciles into an emptied charon (`before_full` runs ahead of each, so that
+    what it measures interleaves with them), then steady steps, then one-peer changes.
+
+    Returns also the messages the full reconciles parsed from their rendered file."""
+    phases = Phases()
+    peers = len(keyring.peers) - 1
+    keys = workdir / f"keys-{peers}-{role.node_ip}"
+    publish(keys, keyring)
+
+    log(f"N={peers}, n0 {role.name}: full reconcile x{repeat}")
+    agent = None
+    for _ in range(repeat):
+        before_full()
+        charon.empty()
+        agent = new_agent(keys, charon)
+        phases.full.append(timed_step(agent))
+    assert agent is not None and agent.desired is not None
+    messages = agent.desired.target.messages
+    loaded = charon.loaded()
+    if loaded != (peers, 2 * peers):
+        raise RuntimeError(f"after the agent's step charon holds {loaded}, expected N, 2N")
+
+    log(f"N={peers}, n0 {role.name}: steady steps x{steady_repeat}")
+    phases.steady = steps(agent, steady_repeat, lambda: None)
+
+    log(f"N={peers}, n0 {role.name}: one-peer changes x{repeat}")
+    changed = [keyring]
+
+    def add_peer() -> None:
+        changed.append(with_one_more_peer(changed[-1]))
+        publish(keys, changed[-1])
+
+    phases.change = steps(agent, repeat, add_peer)
+    agent.charon.close()
+    phases.dropped = charon.empty()
+    return phases, messages
+
+
 def run_peers(
     peers: int,
     repeat: int,
@@ -498,65 +557,54 @@ def run_peers(
     workdir: Path,
     charon: PrivateCharon,
     swanctl: str,
+    initiator: bool,
 ) -> Result:
     result = Result(peers)
-    keyring = make_keyring(peers)
-    keys = workdir / f"keys-{peers}"
-    publish(keys, keyring)
-
-    log(f"N={peers}: full reconcile x{repeat}")
-    agent = None
-    for _ in range(repeat):
-        charon.empty()
-        agent = new_agent(keys, charon)
-        result.full.append(timed_step(agent))
-    assert agent is not None and agent.desired is not None
-    loaded = charon.loaded()
-    if loaded != (peers, 2 * peers):
-        raise RuntimeError(f"after the agent's step charon holds {loaded}, expected N, 2N")
-    text = result.full[-1].text
-    assert text is not None
-    messages = agent.desired.messages  # to_messages(text) of that very step
+    mark = charon.log_mark()
+    keyring = make_keyring(peers, LOAD_ONLY)
+    # What the agent will render and parse (checked below): the lower bound sends these
+    # bodies and swanctl loads this file, each run just before one full reconcile.
+    text = render_module.swanctl_conf(keyring, NODE, SETTINGS)
+    messages = to_messages(text)
     conf = workdir / f"swanctl-{peers}.conf"
     conf.write_text(text)
     result.conf_bytes = len(text.encode())
+    empty = workdir / "swanctl-empty.conf"
+    empty.write_text("connections {\n}\nsecrets {\n}\n")
 
-    log(f"N={peers}: steady steps x{steady_repeat}")
-    result.steady = steps(agent, steady_repeat, result.full[-1], lambda: None)
-
-    log(f"N={peers}: one-peer changes x{repeat}")
-    changed = [keyring]
-
-    def add_peer() -> None:
-        changed.append(with_one_more_peer(changed[-1]))
-        publish(keys, changed[-1])
-
-    result.change = steps(agent, repeat, result.steady[-1], add_peer)
-    agent.charon.close()
-
-    log(f"N={peers}: lower bound x{repeat}")
-    for _ in range(repeat):
+    def compare() -> None:
+        log(f"N={peers}: lower bound, swanctl --load-all, swanctl of an empty file")
         charon.empty()
         seconds, result.lower_messages = lower_bound(charon, messages)
         result.lower.append(seconds)
-
-    log(f"N={peers}: swanctl --load-all x{repeat}")
-    for _ in range(repeat):
         charon.empty()
         seconds, result.swanctl_loaded = swanctl_load(swanctl, charon, conf)
         result.swanctl.append(seconds)
-    empty = workdir / "swanctl-empty.conf"
-    empty.write_text("connections {\n}\nsecrets {\n}\n")
-    for _ in range(repeat):
         charon.empty()
         result.swanctl_empty.append(swanctl_load(swanctl, charon, empty)[0])
+
+    result.agent, parsed = agent_phases(
+        LOAD_ONLY, keyring, repeat, steady_repeat, workdir, charon, compare
+    )
+    if parsed != messages or result.agent.full[-1].text != text:
+        raise RuntimeError("the agent rendered or parsed something else than the comparison")
 
     log(f"N={peers}: memory")
     charon.empty()
     memory_keys = workdir / f"keys-{peers}-memory"
-    publish(memory_keys, keyring)
+    publish(memory_keys, make_keyring(peers, LOAD_ONLY))
     result.memory_base = memory("baseline")
     result.memory_agent = memory("agent", NODE, str(memory_keys), charon.uri)
+    charon.empty()
+    result.problems = charon.problems(mark)
+
+    if initiator:
+        mark = charon.log_mark()
+        keyring = make_keyring(peers, INITIATOR)
+        result.initiator = agent_phases(INITIATOR, keyring, repeat, steady_repeat, workdir, charon)[
+            0
+        ]
+        result.initiator.problems = charon.problems(mark)
     return result
 
 
@@ -574,8 +622,8 @@ def mib(kb: int) -> str:
     return f"{kb / 1024:,.1f}"
 
 
-def runs(values: list[int]) -> str:
-    """Every run's value in order: a constant shows as one number."""
+def runs(values: list[Any]) -> str:
+    """Every run's value in order: a constant shows as one value."""
     return str(values[0]) if len(set(values)) == 1 else ", ".join(str(v) for v in values)
 
 
@@ -594,6 +642,27 @@ def split_rows(
     return rows
 
 
+def phase_rows(
+    label: str, title: str, results: list[Result], phase: Callable[[Result], list[StepSample]]
+) -> list[tuple[str, list[str]]]:
+    """Time, its split, and what was sent, for one kind of step."""
+    rows = [(f"{title}, ms", [ms([s.seconds for s in phase(r)]) for r in results])]
+    rows += split_rows(label, results, phase)
+    rows.append(
+        (
+            f"{label}: VICI messages, all (every run, in order)",
+            [runs([s.messages for s in phase(r)]) for r in results],
+        )
+    )
+    rows.append(
+        (
+            f"{label}: of which load-* / initiate (every run, in order)",
+            [runs([f"{s.loads} / {s.initiates}" for s in phase(r)]) for r in results],
+        )
+    )
+    return rows
+
+
 def table(results: list[Result]) -> str:
     header = "| measure | " + " | ".join(f"N={r.peers}" for r in results) + " |"
     lines = [header, "|---|" + "---:|" * len(results)]
@@ -601,33 +670,32 @@ def table(results: list[Result]) -> str:
     def row(name: str, cells: list[str]) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
+    def rows(pairs: list[tuple[str, list[str]]]) -> None:
+        for name, cells in pairs:
+            row(name, cells)
+
     def per(fn: Callable[[Result], str]) -> list[str]:
         return [fn(r) for r in results]
 
     row("rendered swanctl.conf (bytes)", per(lambda r: f"{r.conf_bytes:,}"))
-    row(
-        "**agent full reconcile**: step() into empty charon, ms",
-        per(lambda r: ms([s.seconds for s in r.full])),
-    )
-    for name, cells in split_rows("full", results, lambda r: r.full):
-        row(name, cells)
-    row(
-        "agent full reconcile: VICI messages (per run)",
-        per(lambda r: runs([s.messages for s in r.full])),
-    )
-    row(
-        "agent full reconcile: load-* commands (per run)",
-        per(lambda r: runs([s.loads for s in r.full])),
+    rows(
+        phase_rows(
+            "full",
+            "**agent full reconcile** (n0 has the highest IP: loads only): step() into "
+            "empty charon",
+            results,
+            lambda r: r.agent.full,
+        )
     )
     row("**lower bound**: same load-* bodies, plain vici loop, ms", per(lambda r: ms(r.lower)))
     row("lower bound: VICI messages", per(lambda r: str(r.lower_messages)))
     row(
         "agent / lower bound (median)",
-        per(lambda r: f"{_ratio([s.seconds for s in r.full], r.lower)}"),
+        per(lambda r: _ratio([s.seconds for s in r.agent.full], r.lower)),
     )
     row(
-        "agent send only / lower bound (median)",
-        per(lambda r: _ratio([s.split.get("send", 0.0) for s in r.full], r.lower)),
+        "agent send load-* only / lower bound (median)",
+        per(lambda r: _ratio([s.split.get("send load-*", 0.0) for s in r.agent.full], r.lower)),
     )
     row("**swanctl --load-all --file** (process wall), ms", per(lambda r: ms(r.swanctl)))
     row(
@@ -635,42 +703,26 @@ def table(results: list[Result]) -> str:
         per(lambda r: ms(r.swanctl_empty)),
     )
     row("swanctl reported", per(lambda r: r.swanctl_loaded.replace("|", "/") or "-"))
-    for phase, title in (
-        ("steady", "**steady step**, nothing changed"),
-        ("change", "**one-peer change step** (a peer added each run)"),
-    ):
-
-        def held(r: Result, phase: str = phase) -> list[StepSample]:
-            return [s for s in getattr(r, phase) if not s.since_moved]
-
-        def moved(r: Result, phase: str = phase) -> list[StepSample]:
-            return [s for s in getattr(r, phase) if s.since_moved]
-
-        def every(r: Result, phase: str = phase) -> list[StepSample]:
-            return getattr(r, phase)
-
-        row(
-            f"{title}, ms (runs where charon's `since` held)",
-            per(lambda r: ms([s.seconds for s in held(r)])),
+    rows(
+        phase_rows("steady", "**steady step**, nothing changed", results, lambda r: r.agent.steady)
+    )
+    rows(
+        phase_rows(
+            "change",
+            "**one-peer change step** (a peer added each run)",
+            results,
+            lambda r: r.agent.change,
         )
-        for name, cells in split_rows(phase, results, held):
-            row(name, cells)
-        row(
-            f"{phase}: load-* commands (every run, in order)",
-            per(lambda r: runs([s.loads for s in every(r)])),
-        )
-        row(
-            f"{phase}: VICI messages (every run, in order)",
-            per(lambda r: runs([s.messages for s in every(r)])),
-        )
-        row(
-            f"{phase}: runs where `since` moved, so the agent resent everything; their ms",
-            per(
-                lambda r: (
-                    f"{len(moved(r))} of {len(every(r))}; " + ms([s.seconds for s in moved(r)])
-                )
-            ),
-        )
+    )
+    row(
+        "VICI sessions opened per step: full / steady / change (a new one clears the digests)",
+        per(
+            lambda r: " / ".join(
+                runs([s.sessions for s in steps])
+                for steps in (r.agent.full, r.agent.steady, r.agent.change)
+            )
+        ),
+    )
     row(
         "**memory** baseline (imports only): VmRSS / VmHWM, MiB",
         per(lambda r: f"{mib(r.memory_base['VmRSS'])} / {mib(r.memory_base['VmHWM'])}"),
@@ -689,6 +741,63 @@ def table(results: list[Result]) -> str:
         ),
     )
     row("memory child's VICI messages", per(lambda r: str(r.memory_agent["messages"])))
+    row(
+        "charon log lines reporting failures (all of the above)",
+        per(lambda r: str(len(r.problems))),
+    )
+    with_initiator = [r for r in results if r.initiator is not None]
+    if len(with_initiator) == len(results):
+
+        def role(r: Result) -> Phases:
+            assert r.initiator is not None
+            return r.initiator
+
+        rows(
+            phase_rows(
+                "lowest-IP full",
+                "**n0 has the lowest IP** (one initiate per peer): full reconcile into "
+                "empty charon",
+                results,
+                lambda r: role(r).full,
+            )
+        )
+        row(
+            "lowest-IP full: IKE_SAs its list-sas returned (every run)",
+            per(lambda r: runs([s.sas for s in role(r).full])),
+        )
+        rows(
+            phase_rows(
+                "lowest-IP steady",
+                "lowest IP: steady step, nothing changed (N IKE_SAs CONNECTING)",
+                results,
+                lambda r: role(r).steady,
+            )
+        )
+        row(
+            "lowest-IP steady: IKE_SAs its list-sas returned (every run)",
+            per(lambda r: runs([s.sas for s in role(r).steady])),
+        )
+        rows(
+            phase_rows(
+                "lowest-IP change",
+                "lowest IP: one-peer change step",
+                results,
+                lambda r: role(r).change,
+            )
+        )
+        row(
+            "lowest IP: IKE_SAs still CONNECTING at the end, terminated by the bench",
+            per(lambda r: str(role(r).dropped)),
+        )
+        row(
+            f"lowest IP: charon failure lines: `{UNREACHABLE}` / other",
+            per(
+                lambda r: (
+                    f"{sum(UNREACHABLE in line for line in role(r).problems):,} / "
+                    f"{sum(UNREACHABLE not in line for line in role(r).problems)}"
+                )
+            ),
+        )
     return "\n".join(lines)
 
 
@@ -766,12 +875,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         charon.start()
         log(f"charon up ({'private namespaces' if isolate else 'host namespaces'}), {workdir}")
+        # Without private namespaces the initiations would leave through the host's routes.
         results = [
-            run_peers(n, args.repeat, args.steady_repeat, workdir, charon, args.swanctl)
+            run_peers(n, args.repeat, args.steady_repeat, workdir, charon, args.swanctl, isolate)
             for n in args.peer_counts
         ]
         info = machine(charon)
-        problems = charon.problems()
+        problems = [
+            line
+            for r in results
+            for line in (
+                *r.problems,
+                *(r.initiator.problems if r.initiator else ()),
+            )
+            if UNREACHABLE not in line
+        ]
     except BaseException:
         log(f"charon log tail:\n{charon.tail()}")
         raise
@@ -792,7 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             table(results),
             "",
-            f"charon log lines reporting failures during the run: {len(problems)}"
+            f"charon log lines reporting failures during the run, other than `{UNREACHABLE}` "
+            f"after the lowest-IP node's initiations: {len(problems)}\n"
             + "".join(f"\n    {line}" for line in problems[:5]),
         ]
     )

@@ -26,6 +26,7 @@ from overlay_vici.files import (
     write_json,
 )
 from overlay_vici.keyring import Keyring, KeyringError, loads
+from overlay_vici.netfilter import Guard, GuardError
 from overlay_vici.plan import Command, Desired, plan
 from overlay_vici.render import (
     Settings,
@@ -54,6 +55,8 @@ class AgentConfig:
     # steps in after `reauth_grace` more, in case the first one's agent is down.
     reauth_jitter: float = 10.0
     reauth_grace: float = 30.0
+    # The fail-closed guard (netfilter); None leaves netfilter alone (tests on the host).
+    guard: Guard | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Agent:
         self._refresh_desired()
         wait = self.config.resync_seconds
         if self.desired is not None:
+            # Before anything reaches charon, and even while charon is down: fail closed.
+            self._guard(self.desired.keyring, self.applied)
             try:
                 wait = min(wait, self._sync(self.desired))
                 self._backoff = BACKOFF_MIN
@@ -181,6 +186,8 @@ class Agent:
             )
         if failures == 0 and desired.keyring is not self.applied:
             self._mark_applied(desired.keyring)
+        if failures == 0:
+            self._guard(desired.keyring)  # peers gone from the keyring are unloaded by now
         return self._maintain_sas()
 
     def _send(self, command: Command) -> bool:
@@ -201,6 +208,17 @@ class Agent:
         elif command.command.startswith("unload"):
             self._sent_digests.pop(command.subject, None)
         return True
+
+    def _guard(self, *keyrings: Keyring | None) -> None:
+        """Keep the guard on every peer of these keyrings (old and new while a change is
+        applied, so that a peer whose IP moves is covered at both addresses)."""
+        if self.config.guard is None:
+            return
+        peers = {(p.name, p.ip) for keyring in keyrings if keyring for p in keyring.peers}
+        try:
+            self.config.guard.ensure(peers)
+        except GuardError as exc:
+            self._fail("guard failed", str(exc))
 
     def _mark_applied(self, keyring: Keyring) -> None:
         """Note when the sent generation changed: IKE_SAs older than that are stale."""
@@ -287,9 +305,17 @@ class Agent:
             "stale_peers": sorted({sa.conn for sa in self.stale}),
             "reauthenticated": applied is not None and not self.stale,
             "charon_connected": self.charon.connected,
+            "guard": self._guard_status(),
             "vici_messages": self.charon.messages,
             "last_error": self.last_error,
         }
+
+    def _guard_status(self) -> dict[str, Any] | None:
+        guard = self.config.guard
+        if guard is None:
+            return None
+        peers = None if guard.peers is None else len(guard.peers)
+        return {"backend": guard.backend, "peers": peers}
 
     def _write_status(self) -> None:
         if self.config.status_path:

@@ -158,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="spread reauthentications after a key switch over this long (default %(default)s)",
     )
+    agent.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="do not keep the netfilter guard that drops IPIP between mesh nodes unless "
+        "IPsec protects it (without it, IPIP leaves in plaintext while charon is stopped)",
+    )
+    agent.add_argument(
+        "--iptables-backend",
+        choices=["auto", "legacy", "nft"],
+        default=None,
+        help="iptables backend for the guard (default: $FELIX_IPTABLESBACKEND, else the one "
+        "holding the host's rules, as Calico picks it)",
+    )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     _add_settings(agent)
 
@@ -306,6 +319,7 @@ def _render(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     from overlay_vici.agent import Agent, AgentConfig
     from overlay_vici.charon import Charon
+    from overlay_vici.netfilter import Guard
 
     log.setup(args.log_level)
     config = AgentConfig(
@@ -317,6 +331,7 @@ def _agent(args: argparse.Namespace) -> int:
         status_path=args.status,
         resync_seconds=args.resync,
         reauth_jitter=args.reauth_jitter,
+        guard=None if args.no_guard else Guard(args.node, args.iptables_backend),
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

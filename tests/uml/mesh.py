@@ -254,7 +254,9 @@ class Node:
             f"-A PREROUTING {match} -m comment --comment ovv-{name}\n"
             for name, match in _COUNTER_RULES.items()
         )
-        self.run(["iptables-legacy-restore", "--noflush"], stdin=f"*raw\n{rules}COMMIT\n")
+        # -w: the agents' guards take the xtables lock too (the guest's /run is shared)
+        restore = ["iptables-legacy-restore", "--noflush", "-w", "10"]
+        self.run(restore, stdin=f"*raw\n{rules}COMMIT\n")
 
     def read_counters(self) -> Counters:
         saved = self.run(["iptables-legacy-save", "-c", "-t", "raw"]).stdout
@@ -262,7 +264,7 @@ class Node:
         return Counters(**{name: packets[name] for name in _COUNTER_RULES})
 
     def reset_counters(self) -> None:
-        self.run(["iptables-legacy", "-t", "raw", "-Z", "PREROUTING"])
+        self.run(["iptables-legacy", "-w", "10", "-t", "raw", "-Z", "PREROUTING"])
 
     def kill_all(self) -> None:
         """SIGKILL every process started in the node and reap it."""

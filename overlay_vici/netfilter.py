@@ -1,0 +1,156 @@
+"""The guard's edge: run iptables-save / iptables-restore for the backend the host uses.
+
+The rules themselves are planned in overlay_vici/guard_plan.py. The guard is kernel state: it
+outlives the agent and charon, and only `remove_guard` (the coordinated disable) takes it away.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from overlay_vici import log
+from overlay_vici.guard_plan import (
+    HOOKS,
+    GuardPeer,
+    choose_backend,
+    guard_peers,
+    install_script,
+    installed_peers,
+    removal_script,
+)
+
+BACKEND_ENV = "FELIX_IPTABLESBACKEND"  # Calico's own setting, honoured the same way
+VERIFY_EVERY = 30.0  # seconds between checks that nobody flushed the guard
+TIMEOUT = 30.0
+WAIT_FOR_LOCK = "10"  # seconds iptables-restore waits for the xtables lock
+
+Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
+
+
+class GuardError(RuntimeError):
+    """The guard cannot be read or written; one sentence naming the fix."""
+
+
+def _run(cmd: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def _binary(backend: str, tool: str) -> str | None:
+    """iptables-<backend>-<tool>, else plain iptables-<tool> (as Felix falls back)."""
+    return shutil.which(f"iptables-{backend}-{tool}") or shutil.which(f"iptables-{tool}")
+
+
+def detect_backend(setting: str | None = None, run: Runner = _run) -> str:
+    """legacy or nft: the setting if it names one, else the backend holding the host's rules."""
+    setting = setting if setting is not None else os.environ.get(BACKEND_ENV)
+    if setting and setting.strip().lower() in ("legacy", "nft"):
+        return setting.strip().lower()
+    saved = {}
+    for backend in ("legacy", "nft"):
+        binary = shutil.which(f"iptables-{backend}-save")
+        saved[backend] = run([binary], None).stdout if binary else ""
+    return choose_backend(None, saved["legacy"], saved["nft"])
+
+
+class Guard:
+    """Keeps the guard chains equal to the mesh's peers; cheap when nothing changed."""
+
+    def __init__(self, node: str, backend: str | None = None, run: Runner = _run) -> None:
+        self.node = node
+        self._setting = backend
+        self._run = run
+        self.backend: str | None = None
+        self.peers: tuple[GuardPeer, ...] | None = None  # what is installed, once known
+        self._verified = -VERIFY_EVERY
+
+    def ensure(self, peers: Iterable[tuple[str, str]]) -> bool:
+        """Make the guard drop unprotected IPIP to and from exactly these (name, IP) peers.
+
+        Returns whether iptables was written. Re-reads the tables every VERIFY_EVERY seconds
+        (or when the peers change) and rewrites them only if they differ.
+        """
+        wanted = guard_peers(peers, self.node)
+        now = time.monotonic()
+        if wanted == self.peers and now - self._verified < VERIFY_EVERY:
+            return False
+        saved = self._save()
+        written = installed_peers(saved) != {peer.ip for peer in wanted}
+        if written:
+            self._restore(install_script(wanted, saved))
+            log.info(
+                "guard installed",
+                node=self.node,
+                backend=self.backend,
+                peers=len(wanted),
+                was=None if self.peers is None else len(self.peers),
+            )
+        self.peers, self._verified = wanted, now
+        return written
+
+    def remove(self) -> bool:
+        """Remove the guard (the coordinated disable only); returns whether anything was there."""
+        script = removal_script(self._save())
+        if script is not None:
+            self._restore(script)
+            log.warning("guard removed", node=self.node, backend=self.backend)
+        self.peers = None
+        return script is not None
+
+    def _tools(self) -> tuple[str, str]:
+        if self.backend is None:
+            self.backend = detect_backend(self._setting, self._run)
+        save, restore = _binary(self.backend, "save"), _binary(self.backend, "restore")
+        if save is None or restore is None:
+            raise GuardError(
+                f"iptables-{self.backend}-save/-restore not found; install iptables in the "
+                "agent's image, or run the agent with --no-guard (charon stopping then lets "
+                "IPIP out unencrypted)"
+            )
+        return save, restore
+
+    def _save(self) -> dict[str, str]:
+        save, _ = self._tools()
+        saved = {}
+        for table in sorted({hook.table for hook in HOOKS}):
+            result = self._run([save, "-t", table], None)
+            if result.returncode != 0:
+                raise GuardError(
+                    f"{save} -t {table} failed ({_first_line(result.stderr)}); the agent needs "
+                    "CAP_NET_ADMIN in the host network namespace and the iptables modules "
+                    f"iptable_{table} and xt_policy"
+                )
+            saved[table] = result.stdout
+        return saved
+
+    def _restore(self, script: str) -> None:
+        _, restore = self._tools()
+        result = self._run([restore, "--noflush", "-w", WAIT_FOR_LOCK], script)
+        if result.returncode != 0:
+            raise GuardError(
+                f"{restore} refused the guard ({_first_line(result.stderr)}); check that the "
+                "kernel has xt_policy and xt_comment, and CAP_NET_ADMIN"
+            )
+
+
+def remove_guard(node: str = "", backend: str | None = None) -> bool:
+    """For the coordinated disable: take the guard away once no node encrypts any more."""
+    return Guard(node, backend).remove()
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
+if __name__ == "__main__":  # `python -m overlay_vici.netfilter remove`: the disable, by hand
+    import sys
+
+    if sys.argv[1:] != ["remove"]:
+        sys.exit("usage: python -m overlay_vici.netfilter remove")
+    print("guard removed" if remove_guard() else "no guard installed")
