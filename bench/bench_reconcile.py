@@ -65,7 +65,7 @@ from overlay_vici.agent import Agent, AgentConfig
 from overlay_vici.charon import Charon
 from overlay_vici.files import publish_secret
 from overlay_vici.keyring import Generation, Keyring, Peer, dumps, new_generation_key
-from overlay_vici.plan import Command, Desired
+from overlay_vici.plan import Desired
 from overlay_vici.render import Settings, strongswan_conf
 from overlay_vici.swanctl_conf import Messages, to_messages
 
@@ -82,6 +82,7 @@ AGENT_FUNCTIONS = {
 }
 # Charon methods the agent queries with, and the label of each.
 CHARON_QUERIES = {"loaded_conns": "queries", "loaded_shared": "queries", "ike_sas": "list-sas"}
+QUERY_COMMANDS = ("get-conns", "get-shared", "list-sas")  # what those send: timed by them
 SPLIT_ORDER = (
     "read keyring",
     "validate",
@@ -327,7 +328,7 @@ class Split:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     results: dict[str, Any] = field(default_factory=dict)
-    sent: Counter[str] = field(default_factory=Counter)  # VICI command -> sends via _send
+    sent: Counter[str] = field(default_factory=Counter)  # VICI command -> requests
 
     def wrap(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """Time `function` under `label`; remember its last result under `label`."""
@@ -344,22 +345,24 @@ class Split:
 
         return timed
 
-    def wrap_send(self, send: Callable[[Command], bool]) -> Callable[[Command], bool]:
-        """Agent._send, timed under its command's kind and counted per VICI command."""
+    def wrap_vici(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Charon.request / Charon._streamed: count every VICI command the agent sends, on
+        whichever path; time the commands that no query wrapper already times."""
 
-        def timed(command: Command) -> bool:
-            kind = command.command
-            label = "send load-*" if kind.startswith("load-") else f"send {kind}"
-            if label not in ("send load-*", "send initiate"):
+        def counted(command: str, *args: Any, **kwargs: Any) -> Any:
+            self.sent[command] += 1
+            if command in QUERY_COMMANDS:
+                return function(command, *args, **kwargs)
+            label = "send load-*" if command.startswith("load-") else f"send {command}"
+            if label not in SPLIT_ORDER:
                 label = "send other"
-            self.sent[kind] += 1
             started = time.perf_counter()
             try:
-                return send(command)
+                return function(command, *args, **kwargs)
             finally:
                 self.seconds[label] += time.perf_counter() - started
 
-        return timed
+        return counted
 
 
 @contextmanager
@@ -374,7 +377,9 @@ def instrumented(agent: Agent) -> Iterator[Split]:
         stack.enter_context(mock.patch.object(Desired, "of", wrapped))
         wrapped = split.wrap("hkdf", render_module.pair_psk)
         stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
-        stack.enter_context(mock.patch.object(agent, "_send", split.wrap_send(agent._send)))
+        for name in ("request", "_streamed"):
+            wrapped = split.wrap_vici(getattr(agent.charon, name))
+            stack.enter_context(mock.patch.object(agent.charon, name, wrapped))
         for name, label in CHARON_QUERIES.items():
             wrapped = split.wrap(label, getattr(agent.charon, name))
             stack.enter_context(mock.patch.object(agent.charon, name, wrapped))
@@ -385,7 +390,7 @@ def instrumented(agent: Agent) -> Iterator[Split]:
 class StepSample:
     seconds: float
     messages: int  # every VICI request of the step, queries included
-    sent: Counter[str]  # what the agent sent through _send, per VICI command
+    sent: Counter[str]  # every VICI request of the step, per command
     split: dict[str, float]
     text: str | None  # the rendered swanctl.conf, if the step rendered
     sessions: int  # VICI sessions opened: each new one clears the agent's sent digests
@@ -408,13 +413,16 @@ def timed_step(agent: Agent) -> StepSample:
         seconds = time.perf_counter() - started
     if agent.last_error:
         raise RuntimeError(f"agent step failed: {agent.last_error}")
+    messages = agent.charon.messages - before
+    if sum(split.sent.values()) != messages:
+        raise RuntimeError(f"counted {split.sent} but charon.messages moved by {messages}")
     pieces = dict(split.seconds)
-    # HKDF runs inside render; "other" is what no wrapper saw (_initiated, _mark_applied,
-    # plan_sas, logging ...).
+    # HKDF runs inside render; "other" is what no wrapper saw (Agent._send's bookkeeping,
+    # _initiated, _mark_applied, plan_sas, logging ...).
     pieces["other"] = seconds - sum(v for k, v in pieces.items() if k != "hkdf")
     return StepSample(
         seconds,
-        agent.charon.messages - before,
+        messages,
         split.sent,
         pieces,
         split.results.get("render"),

@@ -36,10 +36,11 @@ from overlay_vici.render import (
     local_node,
     swanctl_conf,
 )
-from overlay_vici.sa_plan import IkeSa, Timing, plan_sas
+from overlay_vici.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
 from overlay_vici.swanctl_conf import SwanctlSyntaxError, to_messages
 
-BACKOFF_MIN, BACKOFF_MAX = 0.5, 15.0
+# Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Agent:
         self._sent_digests: dict[str, str] = {}
         self._charon_session = 0
         self._reauth_issued: dict[str, float] = {}
+        self._initiate_due: dict[str, float] = {}  # see sa_plan.INITIATE_GRACE
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
@@ -100,7 +102,7 @@ class Agent:
                 watcher.changed.clear()
                 wait = self.step()
                 for _ in range(int(wait / 0.1) + 1):
-                    if stop.is_set() or watcher.changed.is_set():
+                    if stop.is_set() or watcher.changed.is_set() or self.charon.dropped():
                         break
                     watcher.changed.wait(0.1)
         self.charon.close()
@@ -176,6 +178,7 @@ class Agent:
             self._sent_digests,
         )
         failures = sum(not self._send(command) for command in commands)
+        self._schedule_initiations(desired, loaded_conns)
         if commands:
             log.info(
                 "reconciled",
@@ -189,6 +192,17 @@ class Agent:
         if failures == 0:
             self._guard(desired.keyring)  # peers gone from the keyring are unloaded by now
         return self._maintain_sas()
+
+    def _schedule_initiations(self, desired: Accepted, loaded_conns: set[str]) -> None:
+        """Connections this charon did not hold (it is new, or restarted) that the other end
+        would initiate: initiate them too, after INITIATE_GRACE, if no IKE_SA came up."""
+        conns = desired.target.messages.conns
+        due = time.time() + INITIATE_GRACE
+        for name in conns:
+            if name not in loaded_conns and name not in desired.target.initiated:
+                self._initiate_due.setdefault(name, due)
+        for name in [name for name in self._initiate_due if name not in conns]:
+            del self._initiate_due[name]
 
     def _send(self, command: Command) -> bool:
         try:
@@ -250,7 +264,13 @@ class Agent:
             self._peer_ips,
             self._reauth_issued,
             self._timing,
+            self._initiate_due,
         )
+        for conn in decided.settled:
+            self._initiate_due.pop(conn, None)
+        for conn in decided.initiate:
+            self._initiate_due.pop(conn, None)
+            self._initiate(conn)
         self.stale = decided.stale
         for sa in decided.reauthenticate:
             self._reauth_issued[sa.unique_id] = now
@@ -258,6 +278,18 @@ class Agent:
         for sa in decided.terminate:
             self._act(self.charon.terminate, "closing duplicate IKE_SA", sa)
         return decided.wait
+
+    def _initiate(self, conn: str) -> None:
+        desired = self.desired.target.messages.conns.get(conn) if self.desired else None
+        if desired is None:
+            return
+        child = next(iter(desired[conn].get("children", {})), "")
+        try:
+            self.charon.initiate(conn, child)
+        except CharonCommandError as exc:
+            log.info("initiate refused", node=self.config.node, peer=conn, error=str(exc))
+            return
+        log.info("initiating, no IKE_SA came up", node=self.config.node, peer=conn)
 
     def _act(self, action: Callable[[str], None], event: str, sa: IkeSa) -> None:
         try:

@@ -6,6 +6,7 @@ Not thread-safe (neither is the `vici` package): the agent's single loop owns it
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 from typing import Any
 
@@ -57,6 +58,18 @@ class Charon:
     @property
     def connected(self) -> bool:
         return self._session is not None
+
+    def dropped(self) -> bool:
+        """Has charon closed our session (it stopped or restarted)? Costs one poll, no
+        message: nothing else arrives on this socket between requests (no events)."""
+        if self._session is None:
+            return False
+        sock = self._session.transport.socket
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (OSError, ValueError):
+            return True
 
     def request(self, command: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
         session = self._require()
@@ -117,6 +130,12 @@ class Charon:
 
     def reauthenticate(self, ike_unique_id: str) -> None:
         self.request("rekey", {"ike-id": ike_unique_id, "reauth": "yes"})
+
+    def initiate(self, conn: str, child: str) -> None:
+        """Bring a connection up; returns at once (timeout -1), the trap stays as a fallback."""
+        self.request(
+            "initiate", {"ike": conn, "child": child, "timeout": "-1", "init-limits": "no"}
+        )
 
     def terminate(self, ike_unique_id: str) -> None:
         """Delete one IKE_SA; returns at once (timeout -1), charon completes it."""

@@ -112,7 +112,8 @@ def loads(data: bytes | str) -> Keyring:
     version = doc.get("version")
     if version != FORMAT_VERSION:
         raise KeyringError(
-            f"keyring format version {version!r} is not supported (expected {FORMAT_VERSION}); "
+            f"keyring format version {_show(version)} is not supported "
+            f"(expected {FORMAT_VERSION}); "
             "run agent and master of the same release"
         )
     serial = _integer(doc, "serial")
@@ -126,7 +127,9 @@ def loads(data: bytes | str) -> Keyring:
 def _integer(doc: dict[str, Any], name: str) -> int:
     value = doc.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise KeyringError(f"keyring field {name!r} must be a non-negative integer, got {value!r}")
+        raise KeyringError(
+            f"keyring field {name!r} must be a non-negative integer, got {_show(value)}"
+        )
     return value
 
 
@@ -160,17 +163,38 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise KeyringError("every peer must be an object with 'name' and 'ip'")
         name, ip = item.get("name"), item.get("ip")
         if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.fullmatch(name):
-            raise KeyringError(f"peer name {name!r} is not a valid Kubernetes node name")
+            raise KeyringError(f"peer name {_show(name)} is not a valid Kubernetes node name")
         try:
             address = ipaddress.ip_address(ip)  # type: ignore[arg-type]
         except ValueError:
-            raise KeyringError(f"peer {name} has an invalid IP address {ip!r}") from None
+            raise KeyringError(f"peer {name} has an invalid IP address {_show(ip)}") from None
         if address.version != 4:
             raise KeyringError(f"peer {name} has IPv6 address {ip}; IPIP is IPv4 only")
         result.append(Peer(name, str(address)))
     _unique([p.name for p in result], "peer name")
     _unique([p.ip for p in result], "peer IP")
     return tuple(result)
+
+
+_SHOWN_MAX = 40
+_UNSHOWN = re.compile(r"[^A-Za-z0-9._:/\\\"-]")
+
+
+def _show(value: Any) -> str:
+    """An offending value as an error message shows it: JSON, at most _SHOWN_MAX characters,
+    anything but letters, digits and `._:/\\"-` as `?`, so that a hostile file can neither
+    flood the log nor make the message read as several lines or sentences."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    try:
+        text = json.dumps(value)
+    except ValueError:  # an integer too long for str()
+        return "a huge number"
+    if len(text) > _SHOWN_MAX:
+        text = text[: _SHOWN_MAX - 3] + "..."
+    return _UNSHOWN.sub("?", text)
 
 
 def _unique(values: list[Any], what: str) -> None:

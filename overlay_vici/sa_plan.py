@@ -1,4 +1,5 @@
-"""Plan what to do about established IKE_SAs: reauthenticate the stale, drop duplicates.
+"""Plan what to do about established IKE_SAs: reauthenticate the stale, drop duplicates,
+bring up connections the other end has not.
 
 Pure. Both ends of a pair see the same IKE_SAs, so each rule names one end to act, and
 the other end acts only when the first has had its chance (its agent may be down).
@@ -6,12 +7,18 @@ the other end acts only when the first has had its chance (its agent may be down
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 IP = IPv4Address | IPv6Address
 REAUTH_POLL = 2.0
 REAUTH_RETRY = 30.0  # a reauthentication not done by then (peer down?) is tried again
+# After loading a connection into a charon that did not hold it, the higher-IP end initiates
+# too, this long after the lower-IP end (which initiates at once), unless an IKE_SA exists
+# by then: a restarted charon's peers may still hold IKE_SAs with it that only its own
+# initiation (INITIAL_CONTACT) replaces, whichever end has the lower IP.
+INITIATE_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class SaPlan:
     stale: list[IkeSa] = field(default_factory=list)
     reauthenticate: list[IkeSa] = field(default_factory=list)
     terminate: list[IkeSa] = field(default_factory=list)
+    initiate: list[str] = field(default_factory=list)  # connection names
+    settled: list[str] = field(default_factory=list)  # pending initiations no longer needed
     wait: float = 0.0
 
 
@@ -47,12 +56,22 @@ def plan_sas(
     peer_ips: dict[str, IP],
     issued: dict[str, float],
     timing: Timing,
+    initiate_due: Mapping[str, float] | None = None,
 ) -> SaPlan:
     """IKE_SAs authenticated before `sent_since` are stale and get reauthenticated, one per
     connection at a time (two at once can each refuse the other's new CHILD_SA as a
     duplicate, leaving none). Duplicates from simultaneous initiation are dropped by the
-    lower-IP end, which keeps the one it initiated."""
+    lower-IP end, which keeps the one it initiated. A connection in `initiate_due` (name:
+    when) is initiated once due if it still has no IKE_SA in any state."""
     result = SaPlan(wait=timing.resync)
+    present = {sa.conn for sa in sas}
+    for conn, due in (initiate_due or {}).items():
+        if conn in present:
+            result.settled.append(conn)
+        elif now >= due:
+            result.initiate.append(conn)
+        else:
+            result.wait = min(result.wait, due - now)
     established = [sa for sa in sas if sa.state == "ESTABLISHED" and sa.established_ago is not None]
     by_conn: dict[str, list[IkeSa]] = {}
     for sa in established:

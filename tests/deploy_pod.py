@@ -80,6 +80,8 @@ def main() -> int:
         for container in spec["containers"]:
             result["live"][container["name"]] = _run(container["liveness"], container["env"])
         result["udp_ports"] = sorted(_udp_ports())
+        with open("/run/overlay-vici/status.json") as handle:
+            result["status"] = json.load(handle)
         charon_env = spec["containers"][0]["env"]
         result["list_sas"] = _run(["swanctl", "--list-sas"], charon_env)
         result["list_conns"] = _run(["swanctl", "--list-conns"], charon_env)

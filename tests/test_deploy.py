@@ -40,7 +40,8 @@ CAPABILITIES = {
     ("overlay-vici-master", "master"): set(),
     ("overlay-vici-agent", "modules"): {"SYS_MODULE"},
     ("overlay-vici-agent", "charon"): {"NET_ADMIN", "NET_BIND_SERVICE"},
-    ("overlay-vici-agent", "agent"): {"NET_ADMIN"},
+    # NET_RAW: iptables-legacy uses a raw socket (the pod test shows the guard needs it).
+    ("overlay-vici-agent", "agent"): {"NET_ADMIN", "NET_RAW"},
     ("overlay-vici-agent", "report-lease"): set(),
 }
 CLUSTER = "<cluster>"
@@ -110,9 +111,10 @@ def walk(node: Any) -> Iterator[tuple[str, Any]]:
             yield from walk(item)
 
 
-def env_values(c: dict[str, Any]) -> dict[str, str]:
-    """A container's environment as kubelet would set it from this manifest."""
-    config = the("ConfigMap", CONFIG)["data"]
+def env_values(c: dict[str, Any], **settings: str) -> dict[str, str]:
+    """A container's environment as kubelet would set it from this manifest (and the
+    ConfigMap, with `settings` changed as an operator would)."""
+    config = {**the("ConfigMap", CONFIG)["data"], **settings}
     values: dict[str, str] = {}
     for var in c.get("env", []):
         if "value" in var:
@@ -494,13 +496,13 @@ def test_the_dockerfiles_final_stage_has_what_the_pods_run_and_no_compiler() -> 
 # --- the agent pod, run on this host --------------------------------------------------------
 
 
-def _pod_spec(work: Path, keys: Path) -> dict[str, Any]:
+def _pod_spec(work: Path, keys: Path, **settings: str) -> dict[str, Any]:
     path = f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"
     daemonset = the("DaemonSet")
     specs = []
     for name in ("charon", "agent"):
         c = container(daemonset, name)
-        env = {"PATH": path, **env_values(c)}
+        env = {"PATH": path, **env_values(c, **settings)}
         argv = expand(c["command"] + c.get("args", []), env)
         argv = [a.replace("/etc/overlay-vici/keys", str(keys)) for a in argv]
         specs.append(
@@ -526,12 +528,21 @@ def _pod_spec(work: Path, keys: Path) -> dict[str, Any]:
     ),
     reason="needs strongSwan's charon and swanctl, unshare, setpriv and root",
 )
+@pytest.mark.parametrize("backend", ["auto", "legacy", "nft"], ids=lambda b: f"iptables={b}")
 def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
-    tmp_path: Path,
+    tmp_path: Path, backend: str
 ) -> None:
     """charon's start script, the agent's args and all four probes, as declared, in private
     mount, network and PID namespaces (a tmpfs /run for the pod's emptyDirs), each process
-    holding only its container's capabilities; then swanctl as in docs/operations.md."""
+    holding only its container's capabilities; then swanctl as in docs/operations.md. With
+    each iptables-backend setting: the agent's guard must work with those capabilities."""
+    if backend != "auto":
+        save = shutil.which(f"iptables-{backend}-save")
+        if (
+            save is None
+            or subprocess.run(["unshare", "--net", save], capture_output=True).returncode
+        ):
+            pytest.skip(f"iptables-{backend} is missing or does not work on this kernel")
     from keyring_fixtures import build_keyring
 
     from overlay_vici.files import KEYRING_FILE, publish_secret
@@ -540,7 +551,7 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
 
     keys = tmp_path / "keys"
     publish_secret(keys, {KEYRING_FILE: dumps(build_keyring(3))})
-    spec = _pod_spec(tmp_path, keys)
+    spec = _pod_spec(tmp_path, keys, **{"iptables-backend": backend})
     run = subprocess.run(
         ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc",
          "--kill-child=SIGKILL", sys.executable, str(Path(__file__).parent / "deploy_pod.py")],
@@ -566,3 +577,54 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
     assert result["stale_live"]["rc"] not in (0, None)
     assert result["stale_ready"]["rc"] not in (0, None)
     assert "unable to create pidfile" not in logs.get("charon.log", "")
+    # Nothing failed: the guard (where the agent has one) included.
+    status = result["status"]
+    assert status["last_error"] is None, status["last_error"]
+    assert status["charon_connected"] is True and status["keyring_serial"] == 1
+    if status.get("guard") is not None:
+        assert status["guard"]["peers"] == 2, status["guard"]
+        assert backend in ("auto", status["guard"]["backend"])
+
+
+def _scripts() -> Iterator[tuple[str, str]]:
+    for workload in workloads():
+        for c in containers(workload):
+            if c.get("command", [])[:2] == ["sh", "-c"]:
+                yield c["name"], c["command"][2]
+
+
+def test_every_shell_script_parses() -> None:
+    names = []
+    for name, script in _scripts():
+        names.append(name)
+        check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name}: {check.stderr}"
+    assert sorted(names) == ["charon", "modules"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "fails"),
+    [(None, False), ("xt_policy", True), ("esp4", True), ("nft_compat", False), ("gcm", False)],
+)
+def test_the_modules_init_container_fails_only_without_a_required_module(
+    tmp_path: Path, missing: str | None, fails: bool
+) -> None:
+    """Its script against a stand-in modprobe: the four required modules stop the pod with
+    modprobe's own error; the optional ones (built in, or the other iptables backend) don't."""
+    script = dict(_scripts())["modules"]
+    fake = tmp_path / "modprobe"
+    fake.write_text(
+        '#!/bin/sh\nfor a; do case "$a" in -*) ;; *) echo "$a" >> "$LOADED";'
+        ' [ "$a" = "$MISSING" ] && { echo "modprobe: FATAL: Module $a not found" >&2; exit 1; };;'
+        " esac; done\nexit 0\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LOADED": str(tmp_path / "loaded"),
+           "MISSING": missing or ""}  # fmt: skip
+    run = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert (run.returncode != 0) == fails, run.stderr
+    loaded = (tmp_path / "loaded").read_text().split()
+    if not fails:
+        assert {"xfrm_user", "esp4", "ipip", "xt_policy"} <= set(loaded)
+    else:
+        assert f"Module {missing} not found" in run.stderr

@@ -26,6 +26,8 @@ def assert_one_sentence(message: str) -> None:
     assert "\n" not in message, f"multi-line error: {message!r}"
     assert not re.search(r"[.!?]\s+[A-Z]", message), f"more than one sentence: {message!r}"
     assert not message.rstrip().endswith(("(", ",", ";")), message
+    # A hostile file must not flood the log through the message that rejects it.
+    assert len(message) <= 300, f"{len(message)}-character error: {message[:120]!r}..."
 
 
 # --- round trip --------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def _drop(name: str) -> Any:
 
 INVALID: dict[str, tuple[bytes | str | Any, str]] = {
     "unknown version": (_set("version", 2), "format version 2 is not supported"),
-    "missing version": (_drop("version"), "format version None is not supported"),
+    "missing version": (_drop("version"), "format version null is not supported"),
     "bad base64": (
         _set("generations.0.key", "not*base64"),
         "key of generation 1 is not valid base64",
@@ -153,12 +155,12 @@ INVALID: dict[str, tuple[bytes | str | Any, str]] = {
     "duplicate IPs": (_set("peers.2.ip", "10.0.0.1"), "duplicate peer IP 10.0.0.1"),
     "IP with a leading zero": (
         _set("peers.2.ip", "10.0.0.01"),
-        "peer node-2 has an invalid IP address '10.0.0.01'",
+        'peer node-2 has an invalid IP address "10.0.0.01"',
     ),
     "invalid IP": (_set("peers.0.ip", "10.0.0.256"), "peer node-0 has an invalid IP address"),
-    "missing IP": (_set("peers.0.ip", None), "peer node-0 has an invalid IP address None"),
+    "missing IP": (_set("peers.0.ip", None), "peer node-0 has an invalid IP address null"),
     "IPv6": (_set("peers.1.ip", "fd00::1"), "peer node-1 has IPv6 address fd00::1"),
-    "invalid node name": (_set("peers.0.name", "Node_0"), "peer name 'Node_0' is not a valid"),
+    "invalid node name": (_set("peers.0.name", "Node_0"), 'peer name "Node_0" is not a valid'),
     "node name too long": (_set("peers.0.name", "a" * 254), "is not a valid Kubernetes node name"),
     "peer not an object": (_set("peers.0", "node-0"), "every peer must be an object"),
     "peers not a list": (_set("peers", {}), "'peers' must be a list"),
@@ -167,8 +169,8 @@ INVALID: dict[str, tuple[bytes | str | Any, str]] = {
     "generation not an object": (_set("generations.0", 1), "every key generation must be"),
     "duplicate generation ids": (_set("generations.1.id", 1), "duplicate generation id 1"),
     "negative serial": (_set("serial", -1), "'serial' must be a non-negative integer, got -1"),
-    "boolean serial": (_set("serial", True), "'serial' must be a non-negative integer, got True"),
-    "string sent": (_set("sent", "2"), "'sent' must be a non-negative integer, got '2'"),
+    "boolean serial": (_set("serial", True), "'serial' must be a non-negative integer, got true"),
+    "string sent": (_set("sent", "2"), "'sent' must be a non-negative integer, got \"2\""),
     "sent generation missing": (_set("sent", 3), "sent generation 3 is not among"),
     "empty file": (b"", "keyring is empty"),
     "whitespace only": ("  \n\t\n", "keyring is empty"),
@@ -235,6 +237,22 @@ def test_huge_integer_raises_keyring_error() -> None:
     """BUG: an integer over Python's 4300-digit limit raises a bare ValueError from json."""
     with pytest.raises(KeyringError):
         loads('{"version": 1, "serial": ' + "9" * 5000 + "}")
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("peers.0.name", "n" * 500_000),  # a hostile file must not flood the log
+        ("peers.0.ip", "Kill it. Now!\nsecond line"),
+        ("version", {"! A": None}),  # found by the fuzzer: read as two sentences
+        ("serial", "1. Then"),
+    ],
+    ids=["huge name", "sentences in an IP", "object as version", "sentence as serial"],
+)
+def test_offending_values_are_shown_short_on_one_line(path: str, value: Any) -> None:
+    with pytest.raises(KeyringError) as raised:
+        loads(_mutated(_set(path, value)))
+    assert_one_sentence(str(raised.value))
 
 
 def test_node_name_with_trailing_newline_is_rejected() -> None:

@@ -252,7 +252,7 @@ def _only_syntax_errors(text: str) -> None:
     try:
         messages = to_messages(text)
     except SwanctlSyntaxError as exc:
-        assert str(exc)
+        assert str(exc) and "\n" not in str(exc), repr(str(exc))  # one line for the log
     else:
         assert isinstance(messages, Messages)
 
