@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="spread reauthentications after a key switch over this long (default %(default)s)",
     )
     agent.add_argument(
+        "--reauth-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the higher-IP end of a pair reauthenticates this long after the lower end was "
+        "due, in case the lower end's agent is down (default %(default)s)",
+    )
+    agent.add_argument(
         "--no-guard",
         action="store_true",
         help="do not keep the netfilter guard that drops IPIP between mesh nodes unless "
@@ -331,6 +339,7 @@ def _agent(args: argparse.Namespace) -> int:
         status_path=args.status,
         resync_seconds=args.resync,
         reauth_jitter=args.reauth_jitter,
+        reauth_grace=args.reauth_grace,
         guard=None if args.no_guard else Guard(args.node, args.iptables_backend),
     )
     stop = threading.Event()

@@ -81,7 +81,10 @@ def plan_sas(
         stale = [sa for sa in group if now - sa.established_ago - 1 < sent_since]  # type: ignore[operator]
         result.stale += stale
         leads = _leads(own_ip, peer_ips.get(conn))
-        if stale:
+        if stale and leads and len(stale) < len(group):
+            # A fresh SA already carries the pair: the stale ones are duplicates to close.
+            result.terminate += stale
+        elif stale:
             _plan_reauth(result, stale, now, sent_since, leads, issued, timing)
         elif len(group) > 1 and leads:
             keep = min(group, key=lambda sa: (not sa.initiator, sa.established_ago))

@@ -77,3 +77,19 @@ def test_connecting_sas_are_not_judged() -> None:
     now = SWITCH + 5
     connecting = IkeSa("1", "ov-high", "CONNECTING", None, 0, True)
     assert decide([connecting], now).stale == []
+
+
+def test_stale_duplicates_beside_a_fresh_sa_are_closed_not_reauthenticated() -> None:
+    """Waiting for the other end's grace period would stall a rotation by 30 s."""
+    now = SWITCH + 5
+    fresh = sa("3", "ov-high", SWITCH + 2, now)
+    stale = sa("2", "ov-high", SWITCH - 50, now, initiator=False)
+    result = decide([fresh, stale], now)
+    assert result.terminate == [stale] and result.reauthenticate == []
+    # The higher end leaves that to the lower end.
+    assert (
+        decide(
+            [sa("3", "ov-low", SWITCH + 2, now), sa("2", "ov-low", SWITCH - 50, now)], now
+        ).terminate
+        == []
+    )
