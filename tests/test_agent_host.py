@@ -581,3 +581,48 @@ def _eventually(condition: Any, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return bool(condition())
+
+
+def test_run_reloads_a_restarted_charon_without_waiting_for_resync(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """Agent.run() notices the VICI socket close (resync is 60 s here) and reloads the new
+    charon within a few seconds of its start."""
+    keyring = build_keyring(3)
+    harness.publish(keyring)
+    stop = threading.Event()
+    thread = threading.Thread(target=harness.agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert _eventually(lambda: charon.state() == expected(keyring), 5)
+        charon.kill()
+        charon.start()
+        restarted = time.monotonic()
+        assert _eventually(lambda: charon.state() == expected(keyring), 5)
+        assert time.monotonic() - restarted < 5
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_charon_restart_schedules_initiation_of_lower_ip_peers(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """Connections a new charon lacks are initiated from this end too: the lower-IP peers
+    (which initiate first) may still hold IKE_SAs with the charon that is gone."""
+    keyring = build_keyring(4)  # node-0 has the lowest IP: it initiates all, schedules none
+    harness.publish(keyring)
+    harness.step()
+    assert harness.agent._initiate_due == {}
+    highest = keyring.peers[-1].name
+    agent = Agent(
+        dataclasses.replace(harness.agent.config, node=highest), harness.charon
+    )  # a second agent as the highest-IP node, against a fresh charon
+    charon.kill()
+    charon.start()
+    agent.step()
+    if agent.last_error:
+        agent.step()
+    lower = {conn_name(p.name) for p in keyring.peers if p.name != highest}
+    assert set(agent._initiate_due) == lower
