@@ -35,6 +35,7 @@ from overlay_vici.charon import Charon
 from overlay_vici.files import KEYRING_FILE, publish_secret
 from overlay_vici.keyring import Keyring, dumps
 from overlay_vici.render import Settings, conn_name, secret_id, strongswan_conf
+from overlay_vici.sa_plan import INITIATE_GRACE
 
 CHARON = "/usr/lib/ipsec/charon"
 NODE = "node-0"
@@ -606,23 +607,28 @@ def test_run_reloads_a_restarted_charon_without_waiting_for_resync(
     assert not thread.is_alive()
 
 
-def test_charon_restart_schedules_initiation_of_lower_ip_peers(
-    harness: Harness, charon: CharonProcess
+def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
+    charon: CharonProcess, tmp_path: Path
 ) -> None:
-    """Connections a new charon lacks are initiated from this end too: the lower-IP peers
-    (which initiate first) may still hold IKE_SAs with the charon that is gone."""
-    keyring = build_keyring(4)  # node-0 has the lowest IP: it initiates all, schedules none
-    harness.publish(keyring)
-    harness.step()
-    assert harness.agent._initiate_due == {}
+    """Connections a charon did not hold are initiated from the higher-IP end too, after
+    INITIATE_GRACE, when no IKE_SA came up: the lower-IP peers (which initiate at once)
+    may still hold IKE_SAs with a charon that is gone, which only INITIAL_CONTACT replaces."""
+    keyring = build_keyring(4)
     highest = keyring.peers[-1].name
-    agent = Agent(
-        dataclasses.replace(harness.agent.config, node=highest), harness.charon
-    )  # a second agent as the highest-IP node, against a fresh charon
-    charon.kill()
-    charon.start()
-    agent.step()
-    if agent.last_error:
+    recording = RecordingCharon(charon.uri)
+    keys = tmp_path / "keys"
+    publish_secret(keys, {KEYRING_FILE: dumps(keyring)})
+    agent = Agent(AgentConfig(highest, keys, Settings(), resync_seconds=60), recording)
+    try:
+        wait = agent.step()
+        assert wait <= INITIATE_GRACE
+        assert not [m for c, m in recording.log if c == "initiate"]
+        time.sleep(INITIATE_GRACE)
         agent.step()
-    lower = {conn_name(p.name) for p in keyring.peers if p.name != highest}
-    assert set(agent._initiate_due) == lower
+        initiated = {m["ike"] for c, m in recording.log if c == "initiate" and m}
+        assert initiated == {conn_name(p.name) for p in keyring.peers if p.name != highest}
+        before = len(recording.log)
+        agent.step()  # IKE_SAs now exist (connecting): nothing is initiated again
+        assert "initiate" not in [c for c, _ in recording.log[before:]]
+    finally:
+        recording.close()

@@ -319,6 +319,7 @@ def test_agent_restart_loses_nothing(bed: Bed) -> None:
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     bed.cluster.start_agent(node)
+    recovered = wait_encrypted(bed.mesh.nodes)  # it never stopped being
     serial = bed.master.keyring().serial
     wait_for(
         "the new agent's first pass",
@@ -329,7 +330,7 @@ def test_agent_restart_loses_nothing(bed: Bed) -> None:
         timeout=30,
     )
     time.sleep(3)  # a few resyncs of the new agent
-    recovered = wait_encrypted(bed.mesh.nodes)
+    assert all_pairs_encrypted(bed.mesh.nodes)
     after = {n.name: ike_sa_ids(n) for n in bed.mesh.nodes}
     result = seen.finish("agent SIGKILL and restart (n2)", recovered)
     assert_no_plaintext(result)
