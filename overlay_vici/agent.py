@@ -41,6 +41,7 @@ from overlay_vici.swanctl_conf import SwanctlSyntaxError, to_messages
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
+GUARD_LINGER = 300.0  # seconds the guard keeps a moved peer's old address
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class AgentConfig:
     reauth_grace: float = 30.0
     # The fail-closed guard (netfilter); None leaves netfilter alone (tests on the host).
     guard: Guard | None = None
+    # Called after every step with the agent and the step's duration (the metrics).
+    on_step: Callable[[Agent, float], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class Agent:
         self._charon_session = 0
         self._reauth_issued: dict[str, float] = {}
         self._initiate_due: dict[str, float] = {}  # see sa_plan.INITIATE_GRACE
+        # The IKE_SAs charon held right after the new sent key was loaded: exactly the stale
+        # ones (None: not known, e.g. after an agent restart; sent_since decides then).
+        self._switch_ids: frozenset[str] | None = None
+        self._capture_switch_ids = False
+        self._lingering: dict[tuple[str, str], float] = {}  # (peer, old IP): guarded until
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
@@ -109,6 +117,7 @@ class Agent:
 
     def step(self) -> float:
         """One reconcile pass; returns how long until the next one is due."""
+        started = time.monotonic()
         self._reported, self._errors = set(self._errors), []
         self._refresh_desired()
         wait = self.config.resync_seconds
@@ -123,6 +132,8 @@ class Agent:
                 wait, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
         self.last_error = "; ".join(self._errors) or None
         self._write_status()
+        if self.config.on_step is not None:
+            self.config.on_step(self, time.monotonic() - started)
         return wait
 
     def _refresh_desired(self) -> None:
@@ -229,6 +240,9 @@ class Agent:
         if self.config.guard is None:
             return
         peers = {(p.name, p.ip) for keyring in keyrings if keyring for p in keyring.peers}
+        now = time.time()
+        self._lingering = {peer: until for peer, until in self._lingering.items() if until > now}
+        peers |= set(self._lingering)
         try:
             self.config.guard.ensure(peers)
         except GuardError as exc:
@@ -242,10 +256,19 @@ class Agent:
             # generation changed meanwhile: an agent restart must not renegotiate them.
             changed = previous.get("sent_generation") not in (None, keyring.sent)
             self.sent_since = time.time() if changed else previous.get("sent_since") or 0.0
+            self._capture_switch_ids = changed
         elif keyring.sent != self.applied.sent:
             self.sent_since = time.time()
+            self._capture_switch_ids = True
             self._reauth_issued.clear()
             log.info("sent generation switched", node=self.config.node, sent=keyring.sent)
+        if self.applied is not None:
+            # A peer that moved may still be routed to at its old address (Calico's routes and
+            # the keyring change independently): keep guarding that address for a while.
+            old = {p.name: p.ip for p in self.applied.peers}
+            for peer in keyring.peers:
+                if old.get(peer.name, peer.ip) != peer.ip:
+                    self._lingering[peer.name, old[peer.name]] = time.time() + GUARD_LINGER
         self.applied = keyring
         self._peer_ips = {conn_name(p.name): ip_address(p.ip) for p in keyring.peers}
         self._own_ip = ip_address(local_node(keyring, self.config.node).ip)
@@ -253,6 +276,9 @@ class Agent:
     def _maintain_sas(self) -> float:
         """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
         self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
+        if self._capture_switch_ids:
+            self._switch_ids = frozenset(sa.unique_id for sa in self.sas)
+            self._capture_switch_ids = False
         if self.applied is None or self.sent_since is None:
             return self.config.resync_seconds
         now = time.time()
@@ -265,6 +291,7 @@ class Agent:
             self._reauth_issued,
             self._timing,
             self._initiate_due,
+            self._switch_ids,
         )
         for conn in decided.settled:
             self._initiate_due.pop(conn, None)
@@ -276,7 +303,11 @@ class Agent:
             self._reauth_issued[sa.unique_id] = now
             self._act(self.charon.reauthenticate, "reauthenticating", sa)
         for sa in decided.terminate:
-            self._act(self.charon.terminate, "closing duplicate IKE_SA", sa)
+            self._act(self._terminate_now, "closing duplicate IKE_SA", sa)
+        for sa in decided.moved:
+            self._act(self._terminate_now, "closing IKE_SA on an old address", sa)
+        for sa in decided.orphans:
+            self._act(self._terminate_now, "closing IKE_SA its peer no longer has", sa)
         return decided.wait
 
     def _initiate(self, conn: str) -> None:
@@ -290,6 +321,11 @@ class Agent:
             log.info("initiate refused", node=self.config.node, peer=conn, error=str(exc))
             return
         log.info("initiating, no IKE_SA came up", node=self.config.node, peer=conn)
+
+    def _terminate_now(self, ike_unique_id: str) -> None:
+        """Send the DELETE but do not wait for the answer: the SA may be one its peer no
+        longer has, whose CHILD_SA would swallow traffic until the retransmits give up."""
+        self.charon.terminate(ike_unique_id, force=True)
 
     def _act(self, action: Callable[[str], None], event: str, sa: IkeSa) -> None:
         try:

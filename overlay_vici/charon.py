@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import vici
 from vici.exception import CommandException, SessionException
+from vici.protocol import Message, Packet, Transport
 
 from overlay_vici.sa_plan import IkeSa
 
@@ -33,6 +37,10 @@ class Charon:
         self.messages = 0
         # Bumped on every new session: a new session may face a new charon that forgot all.
         self.sessions = 0
+        # For the metrics: refusals and failures per command ("connect": no session), and
+        # the IKE_SAs whose reauthentication charon accepted, oldest first (bounded).
+        self.errors: Counter[str] = Counter()
+        self.reauth_requested: deque[str] = deque(maxlen=4096)
         self._session: vici.Session | None = None
 
     def connect(self) -> None:
@@ -42,6 +50,7 @@ class Charon:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
+            self.errors["connect"] += 1
             raise CharonUnavailable(
                 f"cannot reach charon's VICI socket {self.path} ({exc.strerror or exc}); "
                 "check that the charon container runs and shares the socket"
@@ -77,8 +86,10 @@ class Charon:
         try:
             return session.request(command, message)
         except CommandException as exc:
+            self.errors[command] += 1
             raise CharonCommandError(str(exc).removeprefix("Command failed: ")) from None
         except (OSError, SessionException) as exc:
+            self.errors[command] += 1
             self.close()
             raise CharonUnavailable(f"VICI session to {self.path} dropped ({exc})") from None
 
@@ -90,8 +101,10 @@ class Charon:
         try:
             return list(session.streamed_request(command, event, message))
         except CommandException as exc:
+            self.errors[command] += 1
             raise CharonCommandError(str(exc).removeprefix("Command failed: ")) from None
         except (OSError, SessionException) as exc:
+            self.errors[command] += 1
             self.close()
             raise CharonUnavailable(f"VICI session to {self.path} dropped ({exc})") from None
 
@@ -124,12 +137,19 @@ class Charon:
                             if _text(c.get("state", b"")) == "INSTALLED"
                         ),
                         initiator=_text(sa.get("initiator", b"")) == "yes",
+                        local_host=_text(sa.get("local-host", b"")),
+                        remote_host=_text(sa.get("remote-host", b"")),
+                        last_in_ago=min(
+                            (int(c["use-in"]) for c in children.values() if "use-in" in c),
+                            default=None,
+                        ),
                     )
                 )
         return result
 
     def reauthenticate(self, ike_unique_id: str) -> None:
         self.request("rekey", {"ike-id": ike_unique_id, "reauth": "yes"})
+        self.reauth_requested.append(ike_unique_id)
 
     def initiate(self, conn: str, child: str) -> None:
         """Bring a connection up; returns at once (timeout -1), the trap stays as a fallback."""
@@ -137,9 +157,112 @@ class Charon:
             "initiate", {"ike": conn, "child": child, "timeout": "-1", "init-limits": "no"}
         )
 
-    def terminate(self, ike_unique_id: str) -> None:
-        """Delete one IKE_SA; returns at once (timeout -1), charon completes it."""
-        self.request("terminate", {"ike-id": ike_unique_id, "timeout": "-1"})
+    def terminate(self, ike_unique_id: str, force: bool = False) -> None:
+        """Delete one IKE_SA; returns at once (timeout -1), charon completes it. With force,
+        charon does not wait for the peer's answer (the peer is gone or moved)."""
+        message = {"ike-id": ike_unique_id, "timeout": "-1"}
+        if force:
+            message["force"] = "yes"
+        self.request("terminate", message)
+
+
+# What the metrics count from charon's events: rekeys, and its log (authentication failures).
+EVENTS = ("ike-rekey", "child-rekey", "log")
+
+
+class EventWatcher:
+    """A second VICI session, in its own thread, subscribed to `events`: each event goes to
+    `handle(name, message)` (message values decoded to str). It reconnects, with backoff,
+    whenever charon is away; `connected` tells whether it is subscribed now. The agent's own
+    session stays request/response only (the vici package is not thread-safe).
+
+    charon sends every log line of level 0 and 1 as a "log" event; with `log_filter`, only
+    those whose raw message holds one of these byte strings are decoded and handed on, the
+    rest are dropped unparsed (the agent shares its node's CPU with charon)."""
+
+    def __init__(
+        self,
+        uri: str,
+        handle: Callable[[str, dict[str, Any]], None],
+        events: tuple[str, ...] = EVENTS,
+        log_filter: tuple[bytes, ...] | None = None,
+        poll: float = 0.5,
+    ) -> None:
+        if not uri.startswith("unix://"):
+            raise ValueError(f"VICI URI {uri!r} must look like unix:///run/charon.vici")
+        self.path = uri.removeprefix("unix://")
+        self.handle = handle
+        self.events = events
+        self.log_filter = log_filter
+        self.poll = poll
+        self.connected = False
+        self.sessions = 0
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="vici-events", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(self.path)
+                transport = Transport(sock)
+                for name in self.events:
+                    _register(transport, name)
+                self.connected = True
+                self.sessions += 1
+                backoff = 0.5
+                self._listen(transport, stop)
+            except Exception:  # charon away, or the session broke: subscribe again
+                pass
+            finally:
+                self.connected = False
+                with contextlib.suppress(OSError):
+                    sock.close()
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _listen(self, transport: Transport, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                raw = transport.receive(self.poll)
+            except TimeoutError:
+                continue
+            if raw[:1] != bytes([Packet.EVENT]):
+                continue
+            packet = Packet.parse(raw)
+            name = _text(packet.event_type)
+            if (
+                name == "log"
+                and self.log_filter is not None
+                and not any(marker in raw for marker in self.log_filter)
+            ):
+                continue
+            self.handle(name, _decoded(Message.deserialize(packet.payload)))
+
+
+def _register(transport: Transport, event: str) -> None:
+    """Subscribe to one event; events already flowing meanwhile are skipped."""
+    transport.send(Packet.register_event(event))
+    while True:
+        reply = Packet.parse(transport.receive())
+        if reply.response_type == Packet.EVENT_CONFIRM:
+            return
+        if reply.response_type != Packet.EVENT:
+            raise SessionException(f"charon refused to subscribe to {event!r}")
+
+
+def _decoded(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, dict):
+        return {_text(k): _decoded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
 
 
 def _text(value: bytes | str) -> str:

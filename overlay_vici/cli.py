@@ -4,6 +4,7 @@ the MTU helper."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import signal
@@ -104,6 +105,17 @@ def _add_policy(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=port,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this TCP port, 0 = off "
+        "(default %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="overlay-vici",
@@ -180,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "holding the host's rules, as Calico picks it)",
     )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    _add_metrics(agent, 9541)
     _add_settings(agent)
 
     render = commands.add_parser("render", help="print what the agent tells charon")
@@ -195,11 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     mtu = commands.add_parser(
         "mtu",
-        help="largest safe IPIP (tunl0) MTU for an external MTU",
+        help="largest safe IPIP (tunl0) MTU for an external MTU, or check this node's",
         description="Print the largest tunl0 MTU whose IPIP packets still fit the external "
-        "MTU once wrapped in ESP (AES-GCM-128, transport mode).",
+        "MTU once wrapped in ESP (AES-GCM-128, transport mode). With --check, compare this "
+        "node's tunnel MTU with that limit: exit 0 with one line if it fits, 1 with a "
+        "warning naming the value to set if it is too large.",
     )
-    mtu.add_argument("external_mtu", type=int, metavar="EXTMTU")
+    mtu.add_argument("external_mtu", type=int, nargs="?", metavar="EXTMTU")
+    mtu.add_argument(
+        "--check", action="store_true", help="check this node's tunnel MTU (see above)"
+    )
+    mtu.add_argument(
+        "--tunnel", default="tunl0", help="with --check: the IPIP device (default %(default)s)"
+    )
+    mtu.add_argument(
+        "--external-mtu",
+        dest="stated_mtu",
+        type=int,
+        metavar="N",
+        help="with --check: the network's MTU (default: the smallest MTU of the up, "
+        "non-tunnel interfaces carrying the default route or a network route)",
+    )
 
     master = commands.add_parser(
         "master",
@@ -244,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='nodes with this label set to "true" are left out (default %(default)s)',
     )
     master.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    _add_metrics(master, 9540)
 
     rotate = commands.add_parser(
         "rotate", help="start a key rotation now", description="Ask the master to rotate now."
@@ -296,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "mtu":
-        print(ipip_mtu(args.external_mtu))
-        return 0
+        return _mtu(args)
     if args.command == "render":
         return _render(args)
     if args.command == "master":
@@ -309,6 +338,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report-lease":
         return _report_lease(args)
     return _agent(args)
+
+
+def _mtu(args: argparse.Namespace) -> int:
+    if not args.check:
+        if args.external_mtu is None:
+            raise ValueError("mtu needs the external MTU (EXTMTU), or --check")
+        print(ipip_mtu(args.external_mtu))
+        return 0
+    from overlay_vici.mtu import check
+
+    if args.external_mtu is not None:
+        raise ValueError("with --check, state the network MTU as --external-mtu N")
+    verdict = check(args.tunnel, args.stated_mtu)
+    print(verdict.message, file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else 1
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -346,9 +390,28 @@ def _agent(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log.info("agent starting", node=args.node, keys=str(args.keys), vici=args.vici)
+    from overlay_vici.mtu import log_check
+
+    log_check()  # warns once if tunl0's MTU is too large for IPsec
+    if args.metrics_port:
+        config = dataclasses.replace(config, on_step=_agent_metrics(args, stop))
     Agent(config, Charon(args.vici)).run(stop)
     log.info("agent stopped", node=args.node)
     return 0
+
+
+def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ignore[no-untyped-def]
+    """/metrics and /healthz, and the VICI event subscription they count from."""
+    from overlay_vici import metrics
+    from overlay_vici.charon import EventWatcher
+
+    agent_metrics = metrics.AgentMetrics(args.resync)
+    agent_metrics.events = EventWatcher(
+        args.vici, agent_metrics.on_event, log_filter=metrics.AUTH_LOG_MARKERS
+    )
+    agent_metrics.events.start(stop)
+    metrics.start(args.metrics_port, agent_metrics.registry, agent_metrics.health, "agent")
+    return agent_metrics.observe
 
 
 def _edge_errors() -> type[Exception]:
@@ -419,7 +482,7 @@ def _master(args: argparse.Namespace) -> int:
             raise ValueError(f"another master already runs on {args.local}")
         log.info("master starting", mode="local", state=str(args.local), interval=args.interval)
         try:
-            Master(store, policy, tick=args.tick).run(stop)
+            Master(store, policy, tick=args.tick, on_step=_master_metrics(args)).run(stop)
         finally:
             store.close()
         log.info("master stopped")
@@ -436,10 +499,21 @@ def _master(args: argparse.Namespace) -> int:
     watch_thread = threading.Thread(target=kube.watcher.run, args=(stop,), daemon=True)
     watch_thread.start()
     log.info("master starting", mode="kubernetes", namespace=kube.namespace, identity=kube.identity)
-    Master(kube, policy, tick=args.tick).run(stop, wake)
+    on_step = _master_metrics(args)
+    Master(kube, policy, tick=args.tick, on_step=on_step, notify=kube.record).run(stop, wake)
     kube.release()
     log.info("master stopped")
     return 0
+
+
+def _master_metrics(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.metrics_port:
+        return None
+    from overlay_vici import metrics
+
+    master_metrics = metrics.MasterMetrics(args.tick)
+    metrics.start(args.metrics_port, master_metrics.registry, master_metrics.health, "master")
+    return master_metrics.observe
 
 
 def _rotate(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 - NodeWatcher: list + watch Nodes (name, InternalIP, opt-out label); 410 Gone -> relist.
 - KubeStore: the Secret (keyring.json + master.json, read and replaced with its
   resourceVersion: a 409 is reported as a conflict, never overwritten), the agents' ack
-  Leases (written by `overlay-vici report-lease`, see overlay_vici.lease), and leader
-  election on a Lease.
+  Leases (written by `overlay-vici report-lease`, see overlay_vici.lease), leader
+  election on a Lease, and Kubernetes Events for rotations and failures (`record`; what
+  each master event becomes is `k8s_event`, pure).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import base64
 import datetime as dt
 import json
 import threading
+import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from kubernetes import client, watch
 
 from overlay_vici import log
-from overlay_vici.lease import AGENT_SELECTOR, STATUS_ANNOTATION
+from overlay_vici.lease import AGENT_SELECTOR, STATUS_ANNOTATION, lease_name
 from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot
 from overlay_vici.rotation import AgentReport, NodeInfo
 
@@ -27,6 +30,7 @@ REQUEST_ANNOTATION = "overlay-vici.io/rotate-requested"
 OPT_OUT_LABEL = "overlay-vici.io/opt-out"
 DEFAULT_SECRET = "overlay-vici-keys"
 DEFAULT_LEADER_LEASE = "overlay-vici-master"
+EVENT_COMPONENT = "overlay-vici-master"
 
 
 class KubeError(RuntimeError):
@@ -165,6 +169,9 @@ class KubeStore:
         self.lease_duration = lease_duration
         self.watcher = watcher
         self._read: Any = None
+        self.conflicts: Counter[str] = Counter()  # 409s, by "secret" and "lease"
+        self._lease_uids: dict[str, str] = {}  # node -> its ack Lease's uid, for Events
+        self._event_error: str | None = None
 
     # -- the Secret -------------------------------------------------------------------
     def read(self) -> Snapshot:
@@ -208,6 +215,7 @@ class KubeStore:
             return True
         except client.ApiException as exc:
             if exc.status == 409:
+                self.conflicts["secret"] += 1
                 return False
             raise
 
@@ -253,6 +261,7 @@ class KubeStore:
                 lease.spec.holder_identity if lease.spec else None
             ):
                 reports[report.node] = report
+                self._lease_uids[report.node] = lease.metadata.uid
         return reports
 
     # -- leader election --------------------------------------------------------------
@@ -278,6 +287,7 @@ class KubeStore:
                 return True
             except client.ApiException as exc2:
                 if exc2.status == 409:
+                    self.conflicts["lease"] += 1
                     return False
                 raise
         spec = lease.spec
@@ -298,6 +308,7 @@ class KubeStore:
             return True
         except client.ApiException as exc:
             if exc.status == 409:
+                self.conflicts["lease"] += 1
                 return False
             raise
 
@@ -311,6 +322,133 @@ class KubeStore:
                 self.coordination.replace_namespaced_lease(self.leader_lease, self.namespace, lease)
         except client.ApiException:
             pass
+
+    # -- Events -----------------------------------------------------------------------
+    def record(self, event: str, fields: Mapping[str, Any]) -> None:
+        """A core/v1 Event for a master event that operators should see (`k8s_event`), on
+        the Secret (rotations, the keyring) or on the node's ack Lease (its agent). Best
+        effort: a failure is logged once and the master goes on."""
+        mapped = k8s_event(event, fields)
+        if mapped is None:
+            return
+        kind, reason, message, node = mapped
+        if node is None:
+            involved = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "namespace": self.namespace,
+                "name": self.secret,
+            }
+            uid = self._read.metadata.uid if self._read is not None else None
+        else:
+            involved = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "namespace": self.namespace,
+                "name": lease_name(node),
+            }
+            uid = self._lease_uids.get(node)
+        if uid:  # kubectl describe finds an object's Events by its uid
+            involved["uid"] = uid
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        body = {
+            "metadata": {
+                # As client-go names them: the object's name and a unique suffix.
+                "name": f"{involved['name']}.{time.time_ns():x}",
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/name": "overlay-vici"},
+            },
+            "involvedObject": involved,
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": EVENT_COMPONENT},
+            "reportingComponent": EVENT_COMPONENT,
+            "reportingInstance": self.identity,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(self.namespace, body, _request_timeout=10)
+            self._event_error = None
+        except Exception as exc:  # an Event is worth less than the master's next step
+            error = (
+                f"{exc.status} {exc.reason}" if isinstance(exc, client.ApiException) else str(exc)
+            )
+            if error != self._event_error:
+                log.error("cannot record a Kubernetes Event", reason=reason, error=error)
+            self._event_error = error
+
+
+def k8s_event(event: str, fields: Mapping[str, Any]) -> tuple[str, str, str, str | None] | None:
+    """The Kubernetes Event for a master event (the log events of overlay_vici.rotation, and
+    "keyring unusable"): (type, reason, message, node), node naming the agent it is about,
+    None for the Secret; None for events that stay in the log. Pure."""
+    rotation = fields.get("rotation")
+    skipped = fields.get("skipped")
+    without = f", without the agents of {', '.join(skipped)}" if skipped else ""
+    if event == "rotation started":
+        return (
+            "Normal",
+            "RotationStarted",
+            f"Rotation {rotation} started ({fields.get('reason')}): phase stage began, "
+            f"generation {fields.get('new')} is accepted but not yet sent.",
+            None,
+        )
+    if event == "rotation phase switch":
+        return (
+            "Normal",
+            "RotationPhaseSwitch",
+            f"Rotation {rotation}: phase stage finished{without}; phase switch began, "
+            f"generation {fields.get('sent')} is sent and agents reauthenticate.",
+            None,
+        )
+    if event == "rotation phase retire":
+        return (
+            "Normal",
+            "RotationPhaseRetire",
+            f"Rotation {rotation}: phase switch finished{without}; phase retire began, "
+            "the old generation is removed.",
+            None,
+        )
+    if event == "rotation done":
+        return (
+            "Normal",
+            "RotationDone",
+            f"Rotation {rotation} done: phase retire finished{without}; generation "
+            f"{fields.get('sent')} is the only key.",
+            None,
+        )
+    if event == "agent expired, not waiting for it":
+        node = str(fields.get("node"))
+        return (
+            "Warning",
+            "AgentExpired",
+            f"The agent on node {node} stopped reporting: rotations go on without it, and "
+            "new IKE_SAs with its node may fail until it is back.",
+            node,
+        )
+    if event == "agent back or gone":
+        node = str(fields.get("node"))
+        return (
+            "Normal",
+            "AgentNotExpired",
+            f"The agent on node {node} is no longer expired (it reports again, or its node "
+            "left the mesh).",
+            node,
+        )
+    if event == "keyring unusable":
+        error = str(fields.get("error"))[:800]
+        return (
+            "Warning",
+            "KeyringUnparseable",
+            f"The Secret's keyring cannot be parsed ({error}); agents keep their last good "
+            "keys and no rotation runs: fix or delete the Secret.",
+            None,
+        )
+    return None
 
 
 def _decode(value: str | None) -> str | None:

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ class LocalStore:
         self._nodes_stamp: tuple[int, int] | None = None
         self._nodes_error: str | None = None
         self._synced: str | None = None
+        self.conflicts: Counter[str] = Counter()  # writes refused: the Secret changed
 
     def is_leader(self, now: float) -> bool:
         """The flock on STATE/_master/lock: a second local master on the same STATE stands by."""
@@ -165,6 +167,7 @@ class LocalStore:
         data = secret_dir(self.state) / "..data"
         current = os.readlink(data) if data.is_symlink() else None
         if current != version:
+            self.conflicts["secret"] += 1
             return False
         publish_secret(secret_dir(self.state), {KEYRING_KEY: keyring, MASTER_KEY: master})
         self._copy_to_nodes(read_snapshot(self.state))

@@ -77,11 +77,17 @@ class Master:
         policy: Policy,
         clock: Callable[[], float] = time.time,
         tick: float = 2.0,
+        on_step: Callable[[Master, float], None] | None = None,
+        notify: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
         self.tick = tick
+        # Hooks: after every pass of run() (metrics), and for every event an operator
+        # should see beyond the log (Kubernetes Events); see overlay_vici.metrics, kube.
+        self.on_step = on_step
+        self.notify = notify
         self.last: Decision | None = None
         self.leader = False
         self._reported: str | None = None
@@ -102,7 +108,10 @@ class Master:
             try:
                 parsed = parse(snapshot)
             except kr.KeyringError as exc:
-                self._error(f"the Secret's keyring is unusable ({exc}); fix or delete it")
+                message = f"the Secret's keyring is unusable ({exc}); fix or delete it"
+                if message != self._reported:
+                    self._notify("keyring unusable", {"error": str(exc)})
+                self._error(message)
                 return None
             if parsed.keyring is None and nodes is None:
                 return None  # no first keyring before the first node list
@@ -123,6 +132,7 @@ class Master:
                     continue
                 for event, fields in decision.events:
                     log.info(event, **fields)
+                    self._notify(event, fields)
                 log.info(
                     "keyring published",
                     serial=decision.keyring.serial,
@@ -149,13 +159,23 @@ class Master:
         wake = wake or threading.Event()
         while not stop.is_set():
             wake.clear()
+            started = time.monotonic()
             try:
                 self.step()
             except Exception as exc:  # an edge failed (API down, disk full): keep going
                 self._error(f"master step failed: {exc}")
+            if self.on_step is not None:
+                self.on_step(self, time.monotonic() - started)
             wake.wait(self.tick)
             if stop.is_set():
                 break
+
+    def _notify(self, event: str, fields: dict[str, Any]) -> None:
+        if self.notify is not None:
+            try:
+                self.notify(event, fields)
+            except Exception as exc:  # the hook's own failure must not stop the master
+                log.error("event hook failed", event=event, error=str(exc))
 
     def _error(self, message: str) -> None:
         if message != self._reported:

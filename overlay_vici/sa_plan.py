@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 IP = IPv4Address | IPv6Address
 REAUTH_POLL = 2.0
@@ -29,6 +29,10 @@ class IkeSa:
     established_ago: int | None
     children_installed: int
     initiator: bool  # this end initiated it
+    local_host: str = ""  # the addresses it runs between ("" if charon did not say)
+    remote_host: str = ""
+    # Seconds since a CHILD_SA of it last received a packet; None: none ever did.
+    last_in_ago: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class SaPlan:
     stale: list[IkeSa] = field(default_factory=list)
     reauthenticate: list[IkeSa] = field(default_factory=list)
     terminate: list[IkeSa] = field(default_factory=list)
+    moved: list[IkeSa] = field(default_factory=list)  # on an address no longer the node's
+    orphans: list[IkeSa] = field(default_factory=list)  # the peer no longer has them
     initiate: list[str] = field(default_factory=list)  # connection names
     settled: list[str] = field(default_factory=list)  # pending initiations no longer needed
     wait: float = 0.0
@@ -57,13 +63,32 @@ def plan_sas(
     issued: dict[str, float],
     timing: Timing,
     initiate_due: Mapping[str, float] | None = None,
+    stale_ids: frozenset[str] | None = None,
 ) -> SaPlan:
     """IKE_SAs authenticated before `sent_since` are stale and get reauthenticated, one per
     connection at a time (two at once can each refuse the other's new CHILD_SA as a
     duplicate, leaving none). Duplicates from simultaneous initiation are dropped by the
     lower-IP end, which keeps the one it initiated. A connection in `initiate_due` (name:
-    when) is initiated once due if it still has no IKE_SA in any state."""
+    when) is initiated once due if it still has no IKE_SA in any state.
+
+    `stale_ids`, the IKE_SAs charon held right after the new sent key was loaded, are
+    exactly the stale ones when known. `established_ago` counts whole seconds, so without
+    them an SA from the second after `sent_since` counts as stale too: one the peer made
+    just after this end switched would wait for this end's reauth_grace.
+
+    IKE_SAs between addresses that are no longer this node's or the peer's (a node's IP
+    changed) are `moved`: to close at once, from either end, as their peer is gone.
+
+    When both ends initiate at once, both send INITIAL_CONTACT, and the end that takes the
+    other's second silently destroys the IKE_SA it had initiated: its peer keeps the
+    responder's half, an `orphan` that no packet ever arrives on, and whose CHILD_SA, if
+    newer, swallows this end's traffic until DPD gives up (minutes). The lower-IP end never
+    sees such a duplicate, so the other end closes it: once the duplicate has lasted
+    resync + REAUTH_POLL, the IKE_SAs that received nothing for that long while a sibling
+    did."""
     result = SaPlan(wait=timing.resync)
+    result.moved = [sa for sa in sas if _moved(sa, own_ip, peer_ips.get(sa.conn))]
+    sas = [sa for sa in sas if sa not in result.moved]
     present = {sa.conn for sa in sas}
     for conn, due in (initiate_due or {}).items():
         if conn in present:
@@ -77,10 +102,16 @@ def plan_sas(
     for sa in established:
         by_conn.setdefault(sa.conn, []).append(sa)
     for conn, group in by_conn.items():
-        # established_ago has whole seconds: count an SA from that second as stale.
-        stale = [sa for sa in group if now - sa.established_ago - 1 < sent_since]  # type: ignore[operator]
-        result.stale += stale
         leads = _leads(own_ip, peer_ips.get(conn))
+        if not leads and len(group) > 1:
+            orphans = _orphans(group, timing.resync + REAUTH_POLL)
+            result.orphans += orphans
+            group = [sa for sa in group if sa not in orphans]
+        if stale_ids is not None:
+            stale = [sa for sa in group if sa.unique_id in stale_ids]
+        else:  # established_ago has whole seconds: count an SA from that second as stale
+            stale = [sa for sa in group if now - sa.established_ago - 1 < sent_since]  # type: ignore[operator]
+        result.stale += stale
         if stale and leads and len(stale) < len(group):
             # A fresh SA already carries the pair: the stale ones are duplicates to close.
             result.terminate += stale
@@ -108,6 +139,25 @@ def _plan_reauth(
         return
     result.reauthenticate.append(stale[0])
     result.wait = min(result.wait, REAUTH_POLL)
+
+
+def _orphans(group: list[IkeSa], grace: float) -> list[IkeSa]:
+    """The IKE_SAs of a lasting duplicate that received nothing for `grace` seconds while
+    another did."""
+    ages = sorted((sa.established_ago or 0 for sa in group), reverse=True)
+    if ages[1] < grace:  # the duplicate is younger than the lower-IP end's chance to act
+        return []
+    idle = [sa for sa in group if sa.last_in_ago is None or sa.last_in_ago >= grace]
+    return idle if len(idle) < len(group) else []
+
+
+def _moved(sa: IkeSa, own_ip: IP, peer_ip: IP | None) -> bool:
+    try:
+        local = ip_address(sa.local_host) if sa.local_host else own_ip
+        remote = ip_address(sa.remote_host) if sa.remote_host else peer_ip
+    except ValueError:
+        return False
+    return local != own_ip or (peer_ip is not None and remote != peer_ip)
 
 
 def _leads(own_ip: IP, peer_ip: IP | None) -> bool:

@@ -1,16 +1,22 @@
 """A small in-process kube-apiserver for tests: the subset the master and agents use.
 
-Nodes (cluster-scoped), Secrets and Leases (namespaced), over real HTTP on 127.0.0.1 so
-that the official `kubernetes` client talks to it unmodified. What it keeps of the real
-semantics: a global resourceVersion; 409 Conflict on a PUT whose resourceVersion is stale
-and on a POST of an existing name; 404; labelSelector (k=v, k!=v, k, !k); watch with
+Nodes (cluster-scoped), Secrets, Leases and core/v1 Events (namespaced), over real HTTP on
+127.0.0.1 so that the official `kubernetes` client talks to it unmodified. What it keeps of
+the real semantics: a global resourceVersion; 409 Conflict on a PUT whose resourceVersion is
+stale and on a POST of an existing name; 404; labelSelector (k=v, k!=v, k, !k); watch with
 resourceVersion and timeoutSeconds, chunked JSON lines, and a 410 Gone ERROR event for a
-resourceVersion older than the retained history (`compact()` drops it).
+resourceVersion older than the retained history (`compact()` drops it). On a write: 400 if
+the body's namespace is not the URL's, 422 without a name (generateName gets a random
+suffix), and for Events the API server's own validation of core/v1 Events
+(legacyValidateEvent: the involved object's namespace must be the Event's, or empty only
+for an Event in "default"; with an eventTime, reportingController, reportingInstance,
+action and reason are required), each as a 422 Invalid Status.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 import time
@@ -36,7 +42,65 @@ ROUTES = [
         "Lease",
         True,
     ),
+    (
+        re.compile(r"^/api/v1/namespaces/([^/]+)/events(?:/([^/]+))?$"),
+        "events",
+        "v1",
+        "Event",
+        True,
+    ),
 ]
+_QUALIFIED_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def validate_event(event: dict[str, Any], ns: str) -> list[str]:
+    """kube-apiserver's legacyValidateEvent for a core/v1 create (pkg/apis/core/validation/
+    events.go): the rules every Event passes, whatever API version created it."""
+    errors = []
+    involved = event.get("involvedObject") or {}
+    involved_ns = involved.get("namespace") or ""
+    mismatch = (
+        f'involvedObject.namespace: Invalid value: "{involved_ns}": does not match event.namespace'
+    )
+    if not event.get("eventTime"):
+        if not involved_ns:
+            if ns not in ("", "default"):
+                errors.append(mismatch)
+        elif involved_ns != ns:
+            errors.append(mismatch)
+    else:
+        if not involved_ns and ns not in ("default", "kube-system"):
+            errors.append(mismatch)
+        controller = event.get("reportingComponent") or ""
+        if not controller:
+            errors.append("reportingController: Required value")
+        elif not _QUALIFIED_NAME.match(controller) or len(controller.split("/")[-1]) > 63:
+            errors.append(f'reportingController: Invalid value: "{controller}"')
+        instance = event.get("reportingInstance") or ""
+        if not instance:
+            errors.append("reportingInstance: Required value")
+        elif len(instance) > 128:
+            errors.append("reportingInstance: Invalid value: can have at most 128 characters")
+        if not event.get("action"):
+            errors.append("action: Required value")
+        elif len(event["action"]) > 128:
+            errors.append("action: Invalid value: can have at most 128 characters")
+        if not event.get("reason"):
+            errors.append("reason: Required value")
+        elif len(event["reason"]) > 128:
+            errors.append("reason: Invalid value: can have at most 128 characters")
+        if len(event.get("message") or "") > 1024:
+            errors.append("message: Invalid value: can have at most 1024 characters")
+    if ns and not (_DNS_SUBDOMAIN.match(ns) and len(ns) <= 253):
+        errors.append(f'namespace: Invalid value: "{ns}"')
+    return errors
+
+
+VALIDATORS: dict[str, Callable[[dict[str, Any], str], list[str]]] = {"events": validate_event}
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -255,7 +319,27 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                 return
             resource, ns, name, _ = route
             body = self._body()
-            name = name or body.get("metadata", {}).get("name", "")
+            meta = body.setdefault("metadata", {})
+            kind = next(r[3] for r in ROUTES if r[1] == resource)
+            if meta.get("namespace") and meta["namespace"] != ns:
+                message = (
+                    "the namespace of the provided object does not match the namespace sent "
+                    "on the request"
+                )
+                return self._send(400, status(400, "BadRequest", message))
+            if method == "POST" and not meta.get("name") and meta.get("generateName"):
+                suffix = "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+                meta["name"] = meta["generateName"] + suffix
+            name = name or meta.get("name", "")
+            errors = (
+                [] if name else ["metadata.name: Required value: name or generateName is required"]
+            )
+            if method in ("POST", "PUT") and resource in VALIDATORS:
+                errors += VALIDATORS[resource](body, ns)
+            if errors:
+                message = f'{kind} "{name}" is invalid: {"; ".join(errors)}'
+                kube.writes.append((method, resource, name, 422))
+                return self._send(422, status(422, "Invalid", message))
             if kube.before_write:
                 kube.before_write(method, resource, name)
             with kube.cond:

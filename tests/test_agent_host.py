@@ -632,3 +632,75 @@ def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
         assert "initiate" not in [c for c, _ in recording.log[before:]]
     finally:
         recording.close()
+
+
+def test_metrics_and_charons_event_stream(harness: Harness, charon: CharonProcess) -> None:
+    """The agent's metrics hook and the VICI event subscription against a real charon: the
+    subscription gets charon's log (level <= 1) on its own session, survives a charon
+    restart, and the metrics follow the agent's steps (charon down: /healthz unhealthy)."""
+    import dataclasses
+
+    from prometheus_client import generate_latest
+
+    from overlay_vici.charon import EventWatcher
+    from overlay_vici.metrics import AgentMetrics
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+    metrics = AgentMetrics(resync=60)
+
+    def handle(name: str, message: dict[str, Any]) -> None:
+        seen.append((name, message))
+        metrics.on_event(name, message)
+
+    metrics.events = EventWatcher(charon.uri, handle, poll=0.1)
+    # As the agent runs it: log events not about authentication are dropped undecoded.
+    filtered: list[tuple[str, dict[str, Any]]] = []
+    quiet = EventWatcher(charon.uri, lambda *event: filtered.append(event), log_filter=(b"MAC",))
+    stop = threading.Event()
+    thread = metrics.events.start(stop)
+    quiet_thread = quiet.start(stop)
+    try:
+        wait_until("the event subscriptions", lambda: metrics.events.connected and quiet.connected)
+        harness.agent.config = dataclasses.replace(harness.agent.config, on_step=metrics.observe)
+        harness.publish(build_keyring(3))
+        harness.step()
+        key = secret_id("node-1", 1)
+        wait_until(
+            "charon's log event for the loaded key",
+            lambda: any(
+                name == "log" and f"loaded IKE shared key with id '{key}'" in m.get("msg", "")
+                for name, m in seen
+            ),
+        )
+        assert filtered == []
+        text = generate_latest(metrics.registry).decode()
+        assert 'overlay_vici_peer_sa_up{peer="node-1"} 0.0' in text
+        assert 'overlay_vici_generation{generation="1",role="sent"} 1.0' in text
+        assert "overlay_vici_charon_connected 1.0" in text
+        assert "overlay_vici_events_connected 1.0" in text
+        assert metrics.health() == (True, "ok")
+        charon.kill()
+        harness.step()
+        assert metrics.health() == (False, "charon is not connected")
+        # The first request finds the session dropped; the next step cannot connect.
+        harness.step()
+        text = generate_latest(metrics.registry).decode()
+        assert 'overlay_vici_vici_errors_total{command="get-conns"} 1.0' in text
+        assert 'overlay_vici_vici_errors_total{command="connect"} 1.0' in text
+        charon.start()
+        wait_until("the subscription to come back", lambda: metrics.events.sessions >= 2
+                   and metrics.events.connected)  # fmt: skip
+        harness.step()
+        assert metrics.health() == (True, "ok")
+    finally:
+        stop.set()
+        thread.join(5)
+        quiet_thread.join(5)
+    assert not thread.is_alive() and not quiet_thread.is_alive()
+
+
+def wait_until(what: str, probe: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -465,3 +466,265 @@ def test_only_labelled_leases_count_as_reports_and_api_errors_are_one_sentence(
     assert main(["rotate", "--server", "http://127.0.0.1:9", "--namespace", NS]) == 2
     err = capsys.readouterr().err
     assert err.startswith("overlay-vici: cannot reach the Kubernetes API") and err.count("\n") == 1
+
+
+# --- Kubernetes Events and the metrics' conflict count --------------------------------------
+
+
+def events(kube: FakeKube) -> list[dict[str, Any]]:
+    """The Events the fake API server stored, oldest first."""
+    with kube.cond:
+        stored = [o for (r, _, _), o in kube.objects.items() if r == "events"]
+    return sorted(stored, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+
+def recording_master(h: Harness) -> Master:
+    master = h.master()
+    master.notify = master.store.record  # type: ignore[attr-defined]
+    return master
+
+
+def test_a_rotation_records_events_on_the_secret(harness: Harness) -> None:
+    """Through the real client: phase by phase, a Normal Event on the Secret, carrying its
+    uid (kubectl describe finds an object's Events by uid); the fake validates each."""
+    h = harness
+    master = recording_master(h)
+    master.step()
+    h.ack("n1", "n2", "n3")
+    h.request()
+    master.step()
+    while h.state()["phase"] != "idle":
+        h.ack("n1", "n2", "n3")
+        master.step()
+    recorded = events(h.kube)
+    assert [e["reason"] for e in recorded] == [
+        "RotationStarted",
+        "RotationPhaseSwitch",
+        "RotationPhaseRetire",
+        "RotationDone",
+    ]
+    secret = h.secret()
+    for event in recorded:
+        assert event["type"] == "Normal"
+        assert event["involvedObject"] == {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "namespace": NS,
+            "name": SECRET,
+            "uid": secret["metadata"]["uid"],
+        }
+        assert event["metadata"]["namespace"] == NS
+        assert event["metadata"]["name"].startswith(f"{SECRET}.")
+        assert event["source"] == {"component": "overlay-vici-master"}
+        assert event["reportingInstance"] == "a" and event["count"] == 1
+        assert event["firstTimestamp"] == event["lastTimestamp"]
+        assert event["message"].endswith(".") and "\n" not in event["message"]
+    assert recorded[0]["message"] == (
+        "Rotation 1 started (requested): phase stage began, generation 2 is accepted but not "
+        "yet sent."
+    )
+    assert recorded[-1]["message"] == (
+        "Rotation 1 done: phase retire finished; generation 2 is the only key."
+    )
+    posts = [(m, code) for m, res, _, code in h.kube.writes if res == "events"]
+    assert posts == [("POST", 201)] * 4
+
+
+def test_an_expired_agent_and_a_broken_keyring_record_warnings(harness: Harness) -> None:
+    h, kube = harness, harness.kube
+    master = recording_master(h)
+    master.step()
+    h.ack("n1", "n2", "n3")
+    master.step()
+    h.clock.t += 31
+    h.ack("n1", "n2")
+    master.step()
+    expired = [e for e in events(kube) if e["reason"] == "AgentExpired"]
+    assert len(expired) == 1 and expired[0]["type"] == "Warning"
+    lease = kube.get("leases", lease_name("n3"), NS)
+    assert lease is not None
+    assert expired[0]["involvedObject"] == {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "namespace": NS,
+        "name": lease_name("n3"),
+        "uid": lease["metadata"]["uid"],
+    }
+    assert "node n3" in expired[0]["message"]
+    h.ack("n1", "n2", "n3")
+    master.step()
+    assert [e["reason"] for e in events(kube)][-1] == "AgentNotExpired"
+
+    broken = h.secret()
+    broken["data"]["keyring.json"] = base64.b64encode(b"{not json").decode()
+    kube.apply("secrets", broken, NS)
+    master.step()
+    master.step()  # the same defect again: one Event, as one log line
+    unparseable = [e for e in events(kube) if e["reason"] == "KeyringUnparseable"]
+    assert len(unparseable) == 1 and unparseable[0]["type"] == "Warning"
+    assert unparseable[0]["involvedObject"]["kind"] == "Secret"
+    assert unparseable[0]["message"].startswith("The Secret's keyring cannot be parsed (")
+    assert unparseable[0]["message"].endswith("fix or delete the Secret.")
+    assert h.secret()["data"]["keyring.json"] == broken["data"]["keyring.json"]
+
+
+def test_the_fake_api_server_validates_events_as_kube_apiserver_does(kube: FakeKube) -> None:
+    """The control for the tests above: what the real API server refuses, the fake refuses
+    (an involved object in another namespace, a new-style Event without its required
+    fields, a body in another namespace than the URL, no name)."""
+    from kubernetes.client import ApiException, CoreV1Api
+
+    core = CoreV1Api(api_client(server=kube.url))
+
+    def post(body: dict[str, Any]) -> int:
+        try:
+            core.create_namespaced_event(NS, body)
+        except ApiException as exc:
+            return exc.status
+        return 201
+
+    good = {
+        "metadata": {"name": "x.1"},
+        "involvedObject": {"kind": "Secret", "namespace": NS, "name": SECRET},
+        "reason": "R",
+        "message": "m",
+        "type": "Normal",
+    }
+    elsewhere = {"kind": "Secret", "namespace": "other", "name": "s"}
+    node = {"kind": "Node", "name": "n1"}  # cluster-scoped: only for Events in "default"
+    assert post(good) == 201
+    assert post({**good, "metadata": {"name": "x.2"}, "involvedObject": elsewhere}) == 422
+    assert post({**good, "metadata": {"name": "x.3"}, "involvedObject": node}) == 422
+    new_style = {**good, "metadata": {"name": "x.4"}, "eventTime": "2024-01-01T00:00:00.000000Z"}
+    assert post(new_style) == 422  # no reportingController, reportingInstance, action
+    new_style.update(reportingComponent="overlay-vici.io/master", reportingInstance="a",
+                     action="Rotate")  # fmt: skip
+    assert post(new_style) == 201
+    assert post({**good, "metadata": {"name": "x.5", "namespace": "other"}}) == 400
+    assert post({**good, "metadata": {}}) == 422
+    assert post({**good, "metadata": {"generateName": "x."}}) == 201
+    assert post(good) == 409  # AlreadyExists
+
+
+def test_a_failing_event_is_logged_once_and_the_rotation_goes_on(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlay_vici import log
+
+    log.setup("info")
+    h, kube = harness, harness.kube
+    master = recording_master(h)
+    master.step()
+
+    def refuse(method: str, resource: str, name: str) -> None:
+        if resource == "events":
+            raise ConnectionResetError("the API server hung up")
+
+    kube.before_write = refuse
+    h.ack("n1", "n2", "n3")
+    h.request()
+    master.step()
+    while h.state()["phase"] != "idle":
+        h.ack("n1", "n2", "n3")
+        master.step()
+    assert events(kube) == [] and h.state()["rotation"] == 1
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    failures = [line for line in lines if line["event"] == "cannot record a Kubernetes Event"]
+    assert len(failures) == 1, failures
+
+
+def test_conflicts_are_counted_for_the_metrics(harness: Harness) -> None:
+    h, kube = harness, harness.kube
+    a, b = h.master("a"), h.master("b")
+    a.step()
+    b.step()
+
+    def conflict(method: str, resource: str, name: str) -> None:
+        if resource == "secrets" and method == "PUT":
+            kube.before_write = None
+            secret = kube.get("secrets", SECRET, NS)
+            assert secret is not None
+            secret["metadata"].setdefault("annotations", {})["someone"] = "else"
+            kube.apply("secrets", secret, NS)
+
+    h.request()
+    kube.before_write = conflict
+    a.step()
+    assert a.store.conflicts == {"secret": 1}  # type: ignore[attr-defined]
+    # b's Lease create raced a's: that is a 409 on the leader Lease, counted as "lease".
+    kube.delete("leases", "overlay-vici-master", NS)
+
+    def race(method: str, resource: str, name: str) -> None:
+        if resource == "leases" and method == "POST" and name == "overlay-vici-master":
+            kube.before_write = None
+            kube.apply(
+                "leases",
+                {"metadata": {"name": name}, "spec": {"holderIdentity": "a"}},
+                NS,
+            )
+
+    kube.before_write = race
+    assert b.step() is None
+    assert b.store.conflicts == {"lease": 1}  # type: ignore[attr-defined]
+
+
+def test_the_master_command_serves_metrics_and_records_events(kube: FakeKube) -> None:
+    """`overlay-vici master` against the API: its /metrics, /healthz and an Event, wired as
+    in the Deployment (a process, its own clock)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exe = Path(sys.executable).with_name("overlay-vici")
+    process = subprocess.Popen(
+        [str(exe), "master", "--server", kube.url, "--namespace", NS, "--identity", "m",
+         "--tick", "0.2", "--metrics-port", str(port)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    def samples() -> dict[str, float]:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:
+            return {}
+        found = {}
+        for family in text_string_to_metric_families(text.decode()):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                found[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return found
+
+    try:
+        until("the Secret", lambda: kube.get("secrets", SECRET, NS), timeout=20)
+        api = ApiServer(kube.url)
+        for name in ("n1", "n2", "n3"):
+            keyring = kr.loads(
+                base64.b64decode(kube.get("secrets", SECRET, NS)["data"]["keyring.json"])
+            )
+            LeaseReporter(api, NS, name).report(
+                {"node": name, "updated": time.time(), "keyring_serial": keyring.serial,
+                 "sent_generation": keyring.sent, "reauthenticated": True}
+            )  # fmt: skip
+        assert main(["rotate", "--server", kube.url, "--namespace", NS]) == 0
+        until("a RotationStarted Event", lambda: any(
+            e["reason"] == "RotationStarted" for e in events(kube)), timeout=20)  # fmt: skip
+        view = until(
+            "the stage phase in the metrics",
+            lambda: (v := samples()).get('overlay_vici_rotation_phase{phase="stage"}') == 1 and v,
+            timeout=20,
+        )
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert (health.status, health.read()) == (200, b"ok\n")
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    assert process.returncode == 0, err.decode()
+    assert view["overlay_vici_leader"] == 1 and view["overlay_vici_active_generation"] == 1
+    assert view['overlay_vici_agents{state="live"}'] == 3
+    assert view["overlay_vici_agents_waiting"] == 3

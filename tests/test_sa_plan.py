@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
-from overlay_vici.sa_plan import REAUTH_RETRY, IkeSa, Timing, plan_sas
+import pytest
+
+from overlay_vici.sa_plan import REAUTH_POLL, REAUTH_RETRY, IkeSa, Timing, plan_sas
 
 ME, LOW, HIGH = ip_address("10.0.0.5"), ip_address("10.0.0.1"), ip_address("10.0.0.9")
 PEERS = {"ov-low": LOW, "ov-high": HIGH}
@@ -93,3 +95,73 @@ def test_stale_duplicates_beside_a_fresh_sa_are_closed_not_reauthenticated() -> 
         ).terminate
         == []
     )
+
+
+def test_known_stale_ids_spare_an_sa_the_peer_made_just_after_the_switch() -> None:
+    """An SA the peer reauthenticated within a second of this end's switch is fresh when the
+    IKE_SAs held at the switch are known; by timestamps alone it would count as stale."""
+    now = SWITCH + 5.9
+    fresh = sa("9", "ov-high", SWITCH + 0.6, now)  # established_ago truncates to 5 s
+    old = sa("1", "ov-high", SWITCH - 100, now)
+    by_time = decide([fresh], now)
+    assert by_time.stale == [fresh]
+    by_ids = plan_sas([fresh], now, SWITCH, ME, PEERS, {}, TIMING, stale_ids=frozenset({"1"}))
+    assert by_ids.stale == [] and by_ids.reauthenticate == []
+    both = plan_sas([old, fresh], now, SWITCH, ME, PEERS, {}, TIMING, stale_ids=frozenset({"1"}))
+    assert both.stale == [old]
+
+
+def test_pending_initiation_waits_then_initiates_unless_an_ike_sa_exists() -> None:
+    due = {"ov-low": SWITCH + 2, "ov-high": SWITCH + 2}
+    early = plan_sas([], SWITCH + 1, 0.0, ME, PEERS, {}, TIMING, due)
+    assert early.initiate == [] and early.wait == 1.0
+    connecting = IkeSa("3", "ov-high", "CONNECTING", None, 0, False)
+    late = plan_sas([connecting], SWITCH + 2, 0.0, ME, PEERS, {}, TIMING, due)
+    assert late.initiate == ["ov-low"] and late.settled == ["ov-high"]
+
+
+def test_sas_on_an_old_address_are_closed_from_either_end() -> None:
+    """A node's IP changed: its IKE_SAs on the old address go, whatever the IP order."""
+    now = SWITCH + 60
+    moved_peer = IkeSa("1", "ov-high", "ESTABLISHED", 50, 1, True, "10.0.0.5", "10.0.0.99")
+    moved_self = IkeSa("2", "ov-low", "CONNECTING", None, 0, True, "10.0.0.55", "10.0.0.1")
+    current = IkeSa("3", "ov-high", "ESTABLISHED", 5, 1, False, "10.0.0.5", "10.0.0.9")
+    result = decide([moved_peer, moved_self, current], now)
+    assert result.moved == [moved_peer, moved_self]
+    assert result.terminate == [] and result.stale == []
+
+
+def orphan_case(age: int, last_in: tuple[int | None, int | None]) -> list[IkeSa]:
+    """Two IKE_SAs of ov-low as seen by ME (the higher-IP end of that pair)."""
+    real = IkeSa("5", "ov-low", "ESTABLISHED", age, 1, True, last_in_ago=last_in[0])
+    orphan = IkeSa("6", "ov-low", "ESTABLISHED", age + 1, 1, False, last_in_ago=last_in[1])
+    return [real, orphan]
+
+
+def test_the_higher_ip_end_closes_a_lasting_duplicate_nothing_arrives_on() -> None:
+    """Both ends initiated; the lower-IP end destroyed its half on INITIAL_CONTACT: the
+    higher end keeps an orphan. Once the duplicate lasted resync + REAUTH_POLL, it goes."""
+    grace = int(TIMING.resync + REAUTH_POLL)
+    now = SWITCH + 600
+    result = plan_sas(orphan_case(grace, (0, None)), now, SWITCH, ME, PEERS, {}, TIMING)
+    assert [sa.unique_id for sa in result.orphans] == ["6"]
+    assert result.terminate == [] and result.stale == []
+
+
+@pytest.mark.parametrize(
+    ("age", "last_in"),
+    [(5, (0, None)), (100, (None, None)), (100, (0, 1))],
+    ids=["too young: the lower end may still act", "no traffic at all", "both in use"],
+)
+def test_no_orphan_is_guessed(age: int, last_in: tuple[int | None, int | None]) -> None:
+    now = SWITCH + 600
+    result = plan_sas(orphan_case(age, last_in), now, SWITCH, ME, PEERS, {}, TIMING)
+    assert result.orphans == []
+
+
+def test_the_lower_ip_end_keeps_its_own_duplicate_rule() -> None:
+    now = SWITCH + 600
+    a = IkeSa("1", "ov-high", "ESTABLISHED", 100, 1, True, last_in_ago=None)
+    b = IkeSa("2", "ov-high", "ESTABLISHED", 90, 1, False, last_in_ago=0)
+    result = plan_sas([a, b], now, SWITCH, ME, PEERS, {}, TIMING)
+    assert result.orphans == [] and result.terminate == [b]

@@ -318,8 +318,13 @@ class Mesh:
         self._captures.clear()
         for node in self.nodes:
             node.kill_all()
+        # Deleting the veth first: a namespace is torn down asynchronously, and its veth
+        # would stay in the root namespace (in the next mesh's way) until then.
         ip_batch(
-            [f"netns del {node.name}" for node in self.nodes] + [f"link del {BRIDGE}"], force=True
+            [f"link del ovv-{node.name}" for node in self.nodes]
+            + [f"netns del {node.name}" for node in self.nodes]
+            + [f"link del {BRIDGE}"],
+            force=True,
         )
         self.nodes = []
 

@@ -1,15 +1,16 @@
 """Faults, one at a time, on a 4-node mesh with traffic between every pair (UML guest).
 
-Every node runs a real charon, a real agent (with its netfilter guard) and the local master;
-every ordered pair pings pod to pod at 20 probes/s through the fault. Each test reports:
+Every node runs a real charon, a real agent (with its netfilter guard) and the local master
+runs beside them; every ordered pair pings pod to pod at 20 probes/s through the fault.
+Each test reports:
 
-- plaintext: IPIP that reached a node unprotected (raw PREROUTING `--pol none`, kernel
-  counters, exact) plus IPIP frames a capture on the bridge saw (tcpdump may miss some);
+- plaintext: IPIP that reached a node unprotected (raw PREROUTING `--pol none`: kernel
+  counters, exact) and IPIP frames a capture on the bridge saw (tcpdump may miss some);
   it must be 0 in every case;
-- lost: probes without reply, over all 12 pairs;
-- recovery: seconds from the fault until every pair is encrypted again, i.e. for each
-  ordered pair an outbound SPI of one charon is an inbound SPI of the other's (and no probe
-  is lost after that).
+- lost: probes without a reply, over all pairs;
+- recovery: seconds from the fault until every pair is encrypted again and stays so: for
+  each ordered pair an outbound SPI of one charon is an inbound SPI of the other's (sampled
+  every 0.25 s), and no probe is lost after that; 0 when that never stopped being true.
 
 With OVERLAY_VICI_RESULTS=FILE each result is appended to FILE as a JSON line;
 `python tests/uml/test_faults.py FILE` prints them as the table in docs/faults.md.
@@ -17,6 +18,7 @@ With OVERLAY_VICI_RESULTS=FILE each result is appended to FILE as a JSON line;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,7 +35,7 @@ from typing import Any
 import pytest
 import vici
 from cluster import Cluster, LocalMaster, agent_events, loaded, status, wait_for
-from mesh import Mesh, Node, Pinger
+from mesh import PING_INTERVAL, Mesh, Node, Pinger, ip_batch
 from test_rotation_mesh import lost_at, wait_applied, wait_phase, wait_rotated
 
 from overlay_vici.files import KEYRING_FILE, publish_secret
@@ -43,6 +45,7 @@ FAST = ["--resync", "2", "--reauth-jitter", "1"]
 MASTER = ["--tick", "0.5", "--agent-timeout", "8s"]
 NODES = 4
 SETTLE = 2.0  # seconds of traffic after recovery, to see that it holds
+SAMPLE = 0.25  # seconds between samples of "every pair encrypted"
 
 
 # --- what each fault reports --------------------------------------------------------------
@@ -55,20 +58,16 @@ class Result:
     plaintext_captured: int
     lost: int
     sent: int
-    recovery: float | None  # seconds; None: never within the test's time
-    guard_drops: int  # unprotected IPIP the guard dropped (sent or received)
+    recovery: float | None  # seconds; None: not within the test's time
+    guard_drops: int  # IPIP the guards dropped for want of IPsec (incl. trap hits: see docs)
     longest_outage: float
     xfrm_errors: dict[str, int] = field(default_factory=dict)
     lost_at: list[tuple[str, float]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def plaintext(self) -> int:
-        return self.plaintext_received + self.plaintext_captured
-
 
 def record(result: Result) -> None:
-    line = json.dumps({**asdict(result), "plaintext": result.plaintext})
+    line = json.dumps(asdict(result))
     print(f"\nFAULT RESULT {line}")
     path = os.environ.get("OVERLAY_VICI_RESULTS")
     if path:
@@ -79,90 +78,81 @@ def record(result: Result) -> None:
 # --- observing the mesh -------------------------------------------------------------------
 
 
-def _session(node: Node) -> vici.Session:
+@contextlib.contextmanager
+def session(node: Node) -> Iterator[vici.Session]:
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(5)
-    sock.connect(str(node.vici_socket))
-    return vici.Session(sock)
-
-
-def child_spis(node: Node) -> dict[str, tuple[set[str], set[str]]] | None:
-    """Per connection, the (inbound, outbound) SPIs of its installed CHILD_SAs; None while
-    charon does not answer (restarting)."""
     try:
-        session = _session(node)
-        try:
-            result: dict[str, tuple[set[str], set[str]]] = {}
-            for entry in session.list_sas({"noblock": "yes"}):
-                for conn, sa in entry.items():
-                    spis = result.setdefault(_text(conn), (set(), set()))
-                    for child in (sa.get("child-sas") or {}).values():
-                        if _text(child.get("state", b"")) == "INSTALLED":
-                            spis[0].add(_text(child["spi-in"]))
-                            spis[1].add(_text(child["spi-out"]))
-            return result
-        finally:
-            session.transport.close()
-    except (OSError, vici.exception.SessionException):
-        return None
-
-
-def ike_sa_count(node: Node) -> dict[str, int]:
-    session = _session(node)
-    try:
-        counts: dict[str, int] = {}
-        for entry in session.list_sas({"noblock": "yes"}):
-            for conn, sa in entry.items():
-                if _text(sa.get("state", b"")) == "ESTABLISHED":
-                    counts[_text(conn)] = counts.get(_text(conn), 0) + 1
-        return counts
+        sock.connect(str(node.vici_socket))
+        yield vici.Session(sock)
     finally:
-        session.transport.close()
-
-
-def ike_sa_ids(node: Node) -> set[str]:
-    session = _session(node)
-    try:
-        return {_text(sa["uniqueid"]) for entry in session.list_sas() for sa in entry.values()}
-    finally:
-        session.transport.close()
+        sock.close()
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def ike_sas(node: Node) -> list[tuple[str, dict[str, Any]]]:
+    """(connection, IKE_SA) for every IKE_SA charon holds."""
+    with session(node) as s:
+        return [
+            (_text(c), sa) for entry in s.list_sas({"noblock": "yes"}) for c, sa in entry.items()
+        ]
+
+
+def child_spis(node: Node) -> dict[str, tuple[set[str], set[str]]] | None:
+    """Per connection, the (inbound, outbound) SPIs of its installed CHILD_SAs; None while
+    charon does not answer (restarting)."""
+    try:
+        sas = ike_sas(node)
+    except (OSError, vici.exception.SessionException):
+        return None
+    result: dict[str, tuple[set[str], set[str]]] = {}
+    for conn, sa in sas:
+        spis = result.setdefault(conn, (set(), set()))
+        for child in (sa.get("child-sas") or {}).values():
+            if _text(child.get("state", b"")) == "INSTALLED":
+                spis[0].add(_text(child["spi-in"]))
+                spis[1].add(_text(child["spi-out"]))
+    return result
+
+
+def ike_sa_count(node: Node, conn: str) -> int:
+    return sum(1 for c, sa in ike_sas(node) if c == conn and _text(sa["state"]) == "ESTABLISHED")
+
+
+def ike_sa_ids(node: Node) -> set[str]:
+    return {_text(sa["uniqueid"]) for _, sa in ike_sas(node)}
+
+
 def all_pairs_encrypted(nodes: Sequence[Node]) -> bool:
     """Every ordered pair has an SA both charons hold: a's outbound SPI is b's inbound."""
     spis = {node.name: child_spis(node) for node in nodes}
-    if any(s is None for s in spis.values()):
-        return False
     for a in nodes:
         for b in nodes:
             if a is b:
                 continue
-            out_a = spis[a.name].get(conn_name(b.name), (set(), set()))[1]  # type: ignore[union-attr]
-            in_b = spis[b.name].get(conn_name(a.name), (set(), set()))[0]  # type: ignore[union-attr]
-            if not out_a & in_b:
+            sa, sb = spis[a.name], spis[b.name]
+            if sa is None or sb is None:
+                return False
+            if (
+                not sa.get(conn_name(b.name), (set(), set()))[1]
+                & sb.get(conn_name(a.name), (set(), set()))[0]
+            ):
                 return False
     return True
 
 
-def wait_encrypted(nodes: Sequence[Node], timeout: float = 90) -> float:
-    """Poll until every pair is encrypted; returns the time.time() it was first seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all_pairs_encrypted(nodes):
-            return time.time()
-        time.sleep(0.25)
-    raise TimeoutError(f"not every pair encrypted after {timeout}s")
+def wait_encrypted(nodes: Sequence[Node], timeout: float = 90) -> None:
+    wait_for("every pair encrypted", lambda: all_pairs_encrypted(nodes), timeout, SAMPLE)
 
 
 _GUARD_DROP = re.compile(r"^\[(\d+):\d+\] -A OVERLAY-VICI-GUARD-\S+ .*-j DROP$", re.M)
 
 
 def guard_drops(nodes: Sequence[Node]) -> dict[str, int]:
-    """Per node, the packets its guard dropped (both directions)."""
+    """Per node, the packets its guard dropped (both directions, since its last rewrite)."""
     drops = {}
     for node in nodes:
         saved = "".join(
@@ -180,29 +170,36 @@ def xfrm_stats(node: Node) -> dict[str, int]:
 
 
 class Observation:
-    """Counters, capture, pings and XFRM errors around one fault."""
+    """Counters, capture, pings, XFRM errors and "every pair encrypted" around one fault."""
 
     def __init__(self, mesh: Mesh, pairs_of: Sequence[Node] | None = None) -> None:
         self.mesh = mesh
-        self.pinger = Pinger(list(pairs_of or mesh.nodes), mesh.workdir / "ping-fault")
+        self.nodes = list(pairs_of or mesh.nodes)
+        self.pinger = Pinger(self.nodes, mesh.workdir / "ping-fault")
         self.counters_before = mesh.read_counters()
         self.guard_before = guard_drops(mesh.nodes)
         self.xfrm_before = {node.name: xfrm_stats(node) for node in mesh.nodes}
         self.capture = mesh.capture()
         self.pinger.start()
         time.sleep(1.0)  # traffic flows before the fault
+        assert all_pairs_encrypted(self.nodes), "the mesh was not encrypted before the fault"
+        self.samples: list[tuple[float, bool]] = []
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._sample, daemon=True)
         self.fault_at = time.time()
+        self._monitor.start()
 
-    def finish(
-        self,
-        fault: str,
-        recovered_at: float | None,
-        survivors: Sequence[Node] | None = None,
-        **notes: Any,
-    ) -> Result:
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), all_pairs_encrypted(self.nodes)))
+            self._stop.wait(SAMPLE)
+
+    def finish(self, fault: str, survivors: Sequence[Node] | None = None, **notes: Any) -> Result:
         """Stop observing after SETTLE more seconds of traffic; record and return the result.
         `survivors`: the nodes still there (a removed node's counters are gone with it)."""
         time.sleep(SETTLE)
+        self._stop.set()
+        self._monitor.join()
         stats = self.pinger.stop()
         kinds = self.capture.stop()
         survivors = list(survivors or self.mesh.nodes)
@@ -210,35 +207,45 @@ class Observation:
             node.read_counters().plain_ipip - self.counters_before[node.name].plain_ipip
             for node in survivors
         )
-        guard = guard_drops(survivors)
+        guard = 0
+        for name, count in guard_drops(survivors).items():
+            before = self.guard_before[name]
+            guard += count - before if count >= before else count  # rewritten: counts anew
         xfrm: dict[str, int] = {}
+        by_node: dict[str, dict[str, int]] = {}
         for node in survivors:
             for key, value in xfrm_stats(node).items():
                 delta = value - self.xfrm_before[node.name].get(key, 0)
                 if delta:
                     xfrm[key] = xfrm.get(key, 0) + delta
+                    by_node.setdefault(node.name, {})[key] = delta
+        notes = {**notes, "xfrm_errors_by_node": by_node}
         losses = lost_at(self.pinger)
-        last_loss = max((t for _, t in losses), default=None)
-        recovery = None
-        if recovered_at is not None:
-            end = max(recovered_at, (last_loss or 0) + 0.05)
-            recovery = round(max(end - self.fault_at, 0.0), 2)
         result = Result(
             fault=fault,
             plaintext_received=received,
             plaintext_captured=kinds.get("ipip", 0),
             lost=sum(s.lost for s in stats.values()),
             sent=sum(s.sent for s in stats.values()),
-            recovery=recovery,
-            guard_drops=sum(n - self.guard_before[name] for name, n in guard.items()),
+            recovery=self._recovery([t for _, t in losses]),
+            guard_drops=guard,
             longest_outage=max(s.longest_outage for s in stats.values()),
             xfrm_errors=xfrm,
             lost_at=[(pair, round(t - self.fault_at, 2)) for pair, t in losses],
             notes=notes,
         )
         record(result)
-        self.stats = stats
         return result
+
+    def _recovery(self, lost: list[float]) -> float | None:
+        broken = [t for t, ok in self.samples if not ok]
+        if self.samples and not self.samples[-1][1]:
+            return None
+        back = self.fault_at
+        if broken:
+            back = min(t for t, ok in self.samples if ok and t > max(broken))
+        end = max([back] + [t + PING_INTERVAL for t in lost])
+        return round(max(end - self.fault_at, 0.0), 2)
 
 
 def assert_no_plaintext(result: Result) -> None:
@@ -256,17 +263,23 @@ class Bed:
     cluster: Cluster
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
-    with Mesh(NODES, tmp_path) as mesh, LocalMaster(mesh, MASTER) as master:
+@contextlib.contextmanager
+def bed_of(workdir: Path, agent_args: Sequence[str] = FAST) -> Iterator[Bed]:
+    with Mesh(NODES, workdir) as mesh, LocalMaster(mesh, MASTER) as master:
         master.start()
-        cluster = Cluster(mesh, FAST, keys=LocalMaster.keys)
+        cluster = Cluster(mesh, agent_args, keys=LocalMaster.keys)
         for node in mesh.nodes:
             cluster.start(node)
         wait_applied(master, mesh.nodes)
         mesh.install_ipip_counters()
         warm_up(mesh.nodes)
         yield Bed(mesh, master, cluster)
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    with bed_of(tmp_path) as made:
+        yield made
 
 
 def warm_up(nodes: Sequence[Node]) -> None:
@@ -280,10 +293,13 @@ def warm_up(nodes: Sequence[Node]) -> None:
         pinger.stop()
 
 
-def restart_charon(node: Node, sig: signal.Signals) -> None:
+def restart_charon(node: Node, sig: signal.Signals) -> float:
+    """Stop charon with `sig`, start it again; returns when it was stopped."""
     node.stop_charon(sig)
+    stopped = time.time()
     node.start_charon(strongswan_conf(str(node.vici_socket), str(node.charon_log)))
     node.wait_vici()
+    return stopped
 
 
 # --- the faults ----------------------------------------------------------------------------
@@ -291,23 +307,30 @@ def restart_charon(node: Node, sig: signal.Signals) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_charon_restart(bed: Bed, sig: signal.Signals) -> None:
-    """SIGTERM removes charon's policies and SAs (IPIP would leave in plaintext without the
+    """SIGTERM removes charon's policies and SAs (IPIP would leave in plaintext but for the
     guard); SIGKILL leaves them in the kernel, unknown to the next charon."""
     node = bed.mesh.nodes[1]
     seen = Observation(bed.mesh)
     restart_charon(node, sig)
-    restarted = time.time()
-    recovered = wait_encrypted(bed.mesh.nodes)
+    back = time.time()
+    wait_encrypted(bed.mesh.nodes)
     result = seen.finish(
-        f"charon {sig.name} and restart (n2)",
-        recovered,
-        charon_back_after=round(restarted - seen.fault_at, 2),
-        agent_reloaded=len(agent_events(node, "reconciled")),
+        f"charon {sig.name} and restart (n2)", charon_back_after=round(back - seen.fault_at, 2)
     )
     assert_no_plaintext(result)
-    if sig is signal.SIGTERM:
-        assert result.guard_drops > 0, "the guard should have dropped the unprotected IPIP"
-    assert result.recovery is not None and result.recovery < 30, result
+    assert result.recovery is not None and result.recovery < 10, result
+
+
+def test_charon_sigterm_without_the_guard_leaks(tmp_path: Path) -> None:
+    """The control: the same SIGTERM with the agents run with --no-guard. The counters see
+    the plaintext the guard stops, so their zeros above mean something."""
+    with bed_of(tmp_path, [*FAST, "--no-guard"]) as bed:
+        node = bed.mesh.nodes[1]
+        seen = Observation(bed.mesh)
+        restart_charon(node, signal.SIGTERM)
+        wait_encrypted(bed.mesh.nodes)
+        result = seen.finish("control: charon SIGTERM and restart (n2), agents --no-guard")
+    assert result.plaintext_received > 0, result
 
 
 def test_agent_restart_loses_nothing(bed: Bed) -> None:
@@ -319,7 +342,6 @@ def test_agent_restart_loses_nothing(bed: Bed) -> None:
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     bed.cluster.start_agent(node)
-    recovered = wait_encrypted(bed.mesh.nodes)  # it never stopped being
     serial = bed.master.keyring().serial
     wait_for(
         "the new agent's first pass",
@@ -330,9 +352,8 @@ def test_agent_restart_loses_nothing(bed: Bed) -> None:
         timeout=30,
     )
     time.sleep(3)  # a few resyncs of the new agent
-    assert all_pairs_encrypted(bed.mesh.nodes)
     after = {n.name: ike_sa_ids(n) for n in bed.mesh.nodes}
-    result = seen.finish("agent SIGKILL and restart (n2)", recovered)
+    result = seen.finish("agent SIGKILL and restart (n2)")
     assert_no_plaintext(result)
     assert result.lost == 0, result
     assert after == before, "the agent restart replaced IKE_SAs"
@@ -346,17 +367,17 @@ def test_swanctl_load_all_with_an_empty_config_is_undone(bed: Bed) -> None:
     seen = Observation(bed.mesh)
     node.swanctl("--load-all", "--file", str(empty))
     emptied = loaded(node)
-    wait_for("the agent to load everything again", lambda: loaded(node) == wanted, timeout=30)
+    wait_for("the agent to load everything again", lambda: loaded(node) == wanted, timeout=40)
     reloaded = time.time()
-    recovered = wait_encrypted(bed.mesh.nodes)
+    wait_encrypted(bed.mesh.nodes)
     result = seen.finish(
         "swanctl --load-all, empty config (n2)",
-        recovered,
         conns_left_by_load_all=len(emptied[0]),
+        keys_left_by_load_all=len(emptied[1]),
         reloaded_after=round(reloaded - seen.fault_at, 2),
     )
     assert_no_plaintext(result)
-    assert result.recovery is not None and result.recovery < 30, result
+    assert emptied == (set(), set())
 
 
 @pytest.mark.parametrize("phase", ["stage", "switch", "retire"])
@@ -377,16 +398,14 @@ def test_master_killed_in_a_rotation_phase(bed: Bed, phase: str) -> None:
     doc = wait_rotated(master, 1, timeout=120)
     wait_applied(master, bed.mesh.nodes)
     done = time.time()
-    recovered = wait_encrypted(bed.mesh.nodes)
+    wait_encrypted(bed.mesh.nodes)
+    history = doc["history"][-1]
     result = seen.finish(
-        f"master SIGKILL in phase {phase}, restarted",
-        recovered,
-        killed_after=round(killed - seen.fault_at, 2),
+        f"master SIGKILL in phase {phase}, restarted after 2 s",
         phase_at_kill=phase_at_kill,
+        killed_after=round(killed - seen.fault_at, 2),
         rotation_done_after=round(done - seen.fault_at, 2),
-        phases={
-            k: round(v - seen.fault_at, 2) for k, v in doc["history"][-1].items() if k != "rotation"
-        },
+        phases={k: round(v - seen.fault_at, 2) for k, v in history.items() if k != "rotation"},
     )
     assert_no_plaintext(result)
     assert phase_at_kill == phase
@@ -395,8 +414,8 @@ def test_master_killed_in_a_rotation_phase(bed: Bed, phase: str) -> None:
 
 BAD_SECRETS: dict[str, Callable[[str], bytes]] = {
     "garbage": lambda good: b"\x00\xff\x13 not a keyring",
-    "truncated": lambda good: good.encode()[: len(good) // 2],
-    "10 MB": lambda good: b"{" + b" " * (10 * 1024 * 1024),
+    "a truncated file": lambda good: good.encode()[: len(good) // 2],
+    "a 10 MB file": lambda good: b"{" + b" " * (10 * 1024 * 1024),
 }
 
 
@@ -413,7 +432,7 @@ def test_bad_secret_keeps_the_last_good_keys(bed: Bed, kind: str) -> None:
     errors = {}
     for node in bed.mesh.nodes:
         report = wait_for(
-            f"{node.name}'s agent to reject the {kind} Secret",
+            f"{node.name}'s agent to reject {kind}",
             lambda n=node: (
                 (s := status(n) or {}).get("updated", 0) > seen.fault_at
                 and s.get("last_error")
@@ -424,8 +443,7 @@ def test_bad_secret_keeps_the_last_good_keys(bed: Bed, kind: str) -> None:
         errors[node.name] = report["last_error"]
     time.sleep(2)
     after = {n.name: loaded(n) for n in bed.mesh.nodes}
-    recovered = wait_encrypted(bed.mesh.nodes)
-    result = seen.finish(f"Secret replaced by {kind}", recovered, error=errors["n1"])
+    result = seen.finish(f"Secret replaced by {kind}", error=errors["n1"])
     for node in bed.mesh.nodes:  # the master's Secret is intact: give the nodes it back
         publish_secret(LocalMaster.keys(node), {KEYRING_FILE: good})
     assert_no_plaintext(result)
@@ -436,87 +454,98 @@ def test_bad_secret_keeps_the_last_good_keys(bed: Bed, kind: str) -> None:
         assert error.count(". ") == 0, error
 
 
-def test_node_ip_change_moves_its_sas(bed: Bed) -> None:
-    """n4 moves from 10.99.0.4 to 10.99.0.14; the master publishes it, then Calico's routes
-    follow. Old SAs to the old address go, new ones come up, the guard follows."""
+@pytest.mark.parametrize(
+    "routes_first",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap (docs/faults.md): until the keyring names the new address, "
+                "no node guards it, and Calico may route IPIP to it before that",
+            ),
+        ),
+    ],
+    ids=["keyring first", "routes first"],
+)
+def test_node_ip_change_moves_its_sas(bed: Bed, routes_first: bool) -> None:
+    """n4 moves from 10.99.0.4 to 10.99.0.14. The master publishes it, Calico's routes follow
+    (or precede it). The SAs on the old address are closed, new ones come up, the guard
+    follows and keeps the old address for GUARD_LINGER."""
     mesh, master = bed.mesh, bed.master
     node = mesh.nodes[3]
+    others = mesh.nodes[:3]
     old, new = node.ip, "10.99.0.14"
+    serial = master.keyring().serial
     seen = Observation(mesh)
-    node.run(["ip", "addr", "add", f"{new}/24", "dev", "eth0"])
-    node.run(["ip", "addr", "del", f"{old}/24", "dev", "eth0"])
+    # Old address first: deleting a primary address deletes its secondaries with it.
+    ip_batch([f"addr del {old}/24 dev eth0", f"addr add {new}/24 dev eth0"], netns=node.name)
     node.ip = new
+
+    def reroute() -> None:
+        for peer in others:
+            ip_batch([f"route replace {node.pod_cidr} via {new} dev tunl0 onlink"], netns=peer.name)
+
+    if routes_first:
+        reroute()
+        time.sleep(1)
     master.write_nodes()
+    wait_for("the new keyring", lambda: master.keyring().serial > serial, timeout=30)
     wait_applied(master, mesh.nodes)
     applied = time.time()
-    for peer in mesh.nodes:
-        if peer is not node:
-            peer.run(["ip", "route", "replace", node.pod_cidr, "via", new, "dev", "tunl0",
-                      "onlink"])  # fmt: skip
-    recovered = wait_encrypted(mesh.nodes)
-    others = [n for n in mesh.nodes if n is not node]
+    if not routes_first:
+        reroute()
+    wait_encrypted(mesh.nodes)
     wait_for(
         "no IKE_SA left on the old address",
         lambda: (
-            not any(old in sas_remote_hosts(n) for n in others) and old not in sas_local_hosts(node)
+            all(_text(sa["remote-host"]) != old for n in others for _, sa in ike_sas(n))
+            and all(_text(sa["local-host"]) != old for _, sa in ike_sas(node))
         ),
-        timeout=60,
+        timeout=30,
     )
     gone = time.time()
-    guards = {n.name: n.run(["iptables-legacy-save", "-t", "raw"]).stdout for n in mesh.nodes}
+    guards = {n.name: n.run(["iptables-legacy-save", "-t", "raw"]).stdout for n in others}
+    closed = sum(len(agent_events(n, "closing IKE_SA on an old address")) for n in mesh.nodes)
+    order = "routes 1 s before the keyring" if routes_first else "keyring, then routes"
     result = seen.finish(
-        "node IP change (n4 .4 -> .14)",
-        recovered,
+        f"node IP change (n4 .4 -> .14; {order})",
         keyring_applied_after=round(applied - seen.fault_at, 2),
         old_sas_gone_after=round(gone - seen.fault_at, 2),
+        ike_sas_closed_on_old_address=closed,
     )
+    for saved in guards.values():
+        assert f"-d {new}/32" in saved, saved
+        assert f"-d {old}/32" in saved, "the old address is guarded for GUARD_LINGER"
     assert_no_plaintext(result)
-    for name, saved in guards.items():
-        if name != node.name:
-            assert f"-d {new}/32" in saved and f"-d {old}/32" not in saved, saved
-
-
-def sas_remote_hosts(node: Node) -> set[str]:
-    return _sa_hosts(node, "remote-host")
-
-
-def sas_local_hosts(node: Node) -> set[str]:
-    return _sa_hosts(node, "local-host")
-
-
-def _sa_hosts(node: Node, key: str) -> set[str]:
-    session = _session(node)
-    try:
-        return {_text(sa[key]) for entry in session.list_sas() for sa in entry.values()}
-    finally:
-        session.transport.close()
 
 
 def test_node_removed_while_its_sas_are_up(bed: Bed) -> None:
+    """n4 is deleted like a VM (its processes and Calico's routes to it go), then the master
+    drops it from the keyring: the others unload it and close their SAs with it."""
     mesh, master = bed.mesh, bed.master
     leaving = mesh.nodes[3]
     stable = mesh.nodes[:3]
     seen = Observation(mesh, pairs_of=stable)
-    mesh.remove_node(leaving)  # the VM is gone: its charon, agent and routes with it
+    mesh.remove_node(leaving)
     master.write_nodes(stable)
     wait_applied(master, stable)
     for node in stable:
         wait_for(
             f"{node.name} to drop {leaving.name}",
             lambda n=node: (
-                conn_name(leaving.name) not in child_spis(n)  # type: ignore[operator]
+                conn_name(leaving.name) not in (child_spis(n) or {})
                 and conn_name(leaving.name) not in loaded(n)[0]
             ),
             timeout=30,
         )
     dropped = time.time()
-    recovered = wait_encrypted(stable)
     guards = {n.name: n.run(["iptables-legacy-save", "-t", "raw"]).stdout for n in stable}
     result = seen.finish(
-        "node removed with SAs up (n4)",
-        recovered,
+        "node removed with its SAs up (n4)",
         survivors=stable,
-        peers_dropped_after=round(dropped - seen.fault_at, 2),
+        peer_dropped_after=round(dropped - seen.fault_at, 2),
     )
     assert_no_plaintext(result)
     assert result.lost == 0, result
@@ -524,53 +553,66 @@ def test_node_removed_while_its_sas_are_up(bed: Bed) -> None:
         assert f"-d {leaving.ip}/32" not in saved
 
 
+def ike_spis(node: Node, conn: str) -> list[tuple[str, str]]:
+    """(initiator SPI, responder SPI) of the connection's established IKE_SAs."""
+    return sorted(
+        (_text(sa["initiator-spi"]), _text(sa["responder-spi"]))
+        for c, sa in ike_sas(node)
+        if c == conn and _text(sa["state"]) == "ESTABLISHED"
+    )
+
+
 def test_both_ends_initiate_at_once(bed: Bed) -> None:
-    """n1 and n2 drop their IKE_SA and both initiate at the same instant: the duplicate
-    IKE_SA is closed by the lower-IP end (n1), which keeps the one it initiated."""
+    """n1 and n2 lose their IKE_SA and both initiate at the same instant (and traffic hits
+    both traps), until a duplicate arises (at most 3 rounds). It is cleaned up: n1 (the
+    lower IP) closes a duplicate both ends hold; n2 closes the half that INITIAL_CONTACT
+    left it alone with. In the end both hold the same single IKE_SA."""
     a, b = bed.mesh.nodes[:2]
+    ab, ba = conn_name(b.name), conn_name(a.name)
     seen = Observation(bed.mesh)
-    session = _session(a)
-    list(session.terminate({"ike": conn_name(b.name), "timeout": "5000"}))
-    session.transport.close()
     go = threading.Barrier(2)
 
-    def initiate(node: Node, peer: Node) -> None:
-        s = _session(node)
-        go.wait()
-        s.request("initiate", {"ike": conn_name(peer.name), "child": "ipip", "timeout": "-1",
-                               "init-limits": "no"})  # fmt: skip
-        s.transport.close()
+    def initiate(node: Node, conn: str) -> None:
+        with session(node) as s:
+            go.wait()
+            s.request("initiate", {"ike": conn, "child": "ipip", "timeout": "-1"})
 
-    threads = [threading.Thread(target=initiate, args=p) for p in ((a, b), (b, a))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    most = 0
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        counts = (
-            ike_sa_count(a).get(conn_name(b.name), 0),
-            ike_sa_count(b).get(conn_name(a.name), 0),
-        )
-        most = max(most, *counts)
-        if most > 1 and counts == (1, 1):
-            break
-        time.sleep(0.2)
+    rounds = most = 0
+    while most < 2 and rounds < 3:
+        rounds += 1
+        with session(a) as s:
+            list(s.terminate({"ike": ab, "timeout": "5000"}))
+        threads = [threading.Thread(target=initiate, args=x) for x in ((a, ab), (b, ba))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            most = max(most, len(ike_spis(a, ab)), len(ike_spis(b, ba)))
+            time.sleep(0.1)
+    wait_for(
+        "n1 and n2 to hold the same single IKE_SA",
+        lambda: len(spis := ike_spis(a, ab)) == 1 and spis == ike_spis(b, ba),
+        timeout=30,
+        interval=0.1,
+    )
     single = time.time()
-    recovered = wait_encrypted(bed.mesh.nodes)
-    closed = [
-        e for e in agent_events(a, "closing duplicate IKE_SA") if e.get("peer") == conn_name(b.name)
+    wait_encrypted(bed.mesh.nodes)
+    closed = [e for e in agent_events(a, "closing duplicate IKE_SA") if e.get("peer") == ab]
+    orphans = [
+        e for e in agent_events(b, "closing IKE_SA its peer no longer has") if e.get("peer") == ba
     ]
     result = seen.finish(
         "both ends initiate at once (n1, n2)",
-        recovered,
+        rounds=rounds,
         most_ike_sas=most,
-        single_after=round(single - seen.fault_at, 2),
+        one_ike_sa_after=round(single - seen.fault_at, 2),
         duplicates_closed_by_n1=len(closed),
+        orphans_closed_by_n2=len(orphans),
     )
     assert_no_plaintext(result)
-    assert ike_sa_count(a)[conn_name(b.name)] == 1 and ike_sa_count(b)[conn_name(a.name)] == 1
+    assert most >= 2 and (closed or orphans), "no duplicate arose, or nobody closed it"
 
 
 # --- the table for docs/faults.md -----------------------------------------------------------
@@ -578,16 +620,16 @@ def test_both_ends_initiate_at_once(bed: Bed) -> None:
 
 def table(lines: Sequence[str]) -> str:
     rows = [
-        "| fault | plaintext IPIP (counters + capture) | guard drops | probes lost / sent "
-        "| all pairs encrypted again after |",
+        "| fault | plaintext IPIP (counters + capture) | probes lost / sent "
+        "| every pair encrypted again after | guard drops |",
         "|---|---:|---:|---:|---:|",
     ]
     for line in lines:
         r = json.loads(line)
-        recovery = "-" if r["recovery"] is None else f"{r['recovery']:.1f} s"
+        recovery = "never" if r["recovery"] is None else f"{r['recovery']:.2f} s"
         rows.append(
             f"| {r['fault']} | {r['plaintext_received']} + {r['plaintext_captured']} "
-            f"| {r['guard_drops']} | {r['lost']} / {r['sent']} | {recovery} |"
+            f"| {r['lost']} / {r['sent']} | {recovery} | {r['guard_drops']} |"
         )
     return "\n".join(rows) + "\n"
 
