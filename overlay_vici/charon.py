@@ -186,7 +186,7 @@ class EventWatcher:
         handle: Callable[[str, dict[str, Any]], None],
         events: tuple[str, ...] = EVENTS,
         log_filter: tuple[bytes, ...] | None = None,
-        poll: float = 0.5,
+        poll: float = 1.0,
     ) -> None:
         if not uri.startswith("unix://"):
             raise ValueError(f"VICI URI {uri!r} must look like unix:///run/charon.vici")
@@ -226,22 +226,40 @@ class EventWatcher:
             backoff = min(backoff * 2, 5.0)
 
     def _listen(self, transport: Transport, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                raw = transport.receive(self.poll)
-            except TimeoutError:
-                continue
-            if raw[:1] != bytes([Packet.EVENT]):
-                continue
-            packet = Packet.parse(raw)
-            name = _text(packet.event_type)
-            if (
-                name == "log"
-                and self.log_filter is not None
-                and not any(marker in raw for marker in self.log_filter)
-            ):
-                continue
-            self.handle(name, _decoded(Message.deserialize(packet.payload)))
+        """Every `poll` seconds, take whatever charon sent meanwhile: one wake-up per interval
+        rather than one per log line (charon logs several lines per IKE exchange, and on a
+        busy node each wake-up is CPU taken from charon itself)."""
+        sock = transport.socket
+        pending = bytearray()
+        while not stop.wait(self.poll):
+            while True:
+                try:
+                    chunk = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    raise ConnectionError("charon closed the event session")
+                pending += chunk
+            while len(pending) >= 4:
+                length = int.from_bytes(pending[:4], "big")
+                if len(pending) < 4 + length:
+                    break
+                raw = bytes(pending[4 : 4 + length])
+                del pending[: 4 + length]
+                self._dispatch(raw)
+
+    def _dispatch(self, raw: bytes) -> None:
+        if raw[:1] != bytes([Packet.EVENT]):
+            return
+        packet = Packet.parse(raw)
+        name = _text(packet.event_type)
+        if (
+            name == "log"
+            and self.log_filter is not None
+            and not any(marker in raw for marker in self.log_filter)
+        ):
+            return
+        self.handle(name, _decoded(Message.deserialize(packet.payload)))
 
 
 def _register(transport: Transport, event: str) -> None:
