@@ -11,13 +11,15 @@ import socket
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import vici
 from vici.exception import CommandException, SessionException
 from vici.protocol import Message, Packet, Transport
 
 from overlay_vici.sa_plan import IkeSa
+
+T = TypeVar("T")
 
 
 class CharonUnavailable(ConnectionError):
@@ -81,25 +83,21 @@ class Charon:
             return True
 
     def request(self, command: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
-        session = self._require()
-        self.messages += 1
-        try:
-            return session.request(command, message)
-        except CommandException as exc:
-            self.errors[command] += 1
-            raise CharonCommandError(str(exc).removeprefix("Command failed: ")) from None
-        except (OSError, SessionException) as exc:
-            self.errors[command] += 1
-            self.close()
-            raise CharonUnavailable(f"VICI session to {self.path} dropped ({exc})") from None
+        return self._call(command, lambda session: session.request(command, message))
 
     def _streamed(
         self, command: str, event: str, message: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
+        return self._call(
+            command, lambda session: list(session.streamed_request(command, event, message))
+        )
+
+    def _call(self, command: str, send: Callable[[vici.Session], T]) -> T:
+        """One request: count it, and turn the vici package's errors into ours."""
         session = self._require()
         self.messages += 1
         try:
-            return list(session.streamed_request(command, event, message))
+            return send(session)
         except CommandException as exc:
             self.errors[command] += 1
             raise CharonCommandError(str(exc).removeprefix("Command failed: ")) from None
