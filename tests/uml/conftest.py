@@ -37,9 +37,9 @@ def pytest_runtest_makereport(
     """On failure, show the end of the test's charon logs: the guest is gone when one reads them."""
     report = yield
     if report.when == "call" and report.failed:
-        meshes = [
-            value for value in getattr(item, "funcargs", {}).values() if isinstance(value, Mesh)
-        ]
+        values = getattr(item, "funcargs", {}).values()
+        # A Mesh, or a fixture that holds one (test_faults.Bed)
+        meshes = [v for v in (getattr(v, "mesh", v) for v in values) if isinstance(v, Mesh)]
         for mesh in meshes:
             for node in mesh.nodes:
                 if node.charon_log.exists():
