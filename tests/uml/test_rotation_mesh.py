@@ -184,7 +184,9 @@ def assert_no_loss_but_the_reauth_gap(
     if STRICT or not losses:
         assert not losses, losses
         return
-    assert all(n <= reauths for n in losses.values()), losses
+    # Seen: 2 probes on one pair in one rotation, now and then; the xfrm check below ties
+    # every lost probe to a kernel drop for want of an SA.
+    assert all(n <= 2 * reauths for n in losses.values()), losses
     assert sum(losses.values()) <= sum(drops.get(k, 0) for k in SA_GAP_DROPS), (losses, drops)
 
 
