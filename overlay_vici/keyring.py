@@ -46,11 +46,36 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """The cluster-wide on/off switch and the moment it takes effect, the same on every node,
+    so that all agents change within about a second of each other. `at` None: the change is
+    announced (agents get ready) but not yet scheduled."""
+
+    enabled: bool = True
+    at: float | None = 0.0
+
+    def mode(self, now: float) -> str:
+        """'on'; 'prepare' (enable announced: keys and connections loaded, nothing enforced,
+        so that the first negotiations succeed); or 'off'."""
+        due = self.at is not None and now >= self.at
+        if self.enabled:
+            return "on" if due else "prepare"
+        return "off" if due else "on"
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until the scheduled moment, if it is still ahead."""
+        return self.at - now if self.at is not None and self.at > now else None
+
+
+@dataclass(frozen=True)
 class Keyring:
     serial: int
     sent: int
     generations: tuple[Generation, ...]
     peers: tuple[Peer, ...]
+    encryption: Encryption = Encryption()
+    # Nodes outside the mesh (opted out): the only hosts IPIP may reach in plaintext.
+    outside: tuple[Peer, ...] = ()
 
     def generation(self, gen_id: int) -> Generation:
         return next(g for g in self.generations if g.id == gen_id)
@@ -87,6 +112,8 @@ def dumps(keyring: Keyring) -> str:
             {"id": g.id, "key": base64.b64encode(g.key).decode()} for g in keyring.generations
         ],
         "peers": [{"name": p.name, "ip": p.ip} for p in keyring.peers],
+        "encryption": {"enabled": keyring.encryption.enabled, "at": keyring.encryption.at},
+        "outside": [{"name": p.name, "ip": p.ip} for p in keyring.outside],
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
@@ -121,7 +148,30 @@ def loads(data: bytes | str) -> Keyring:
     sent = _integer(doc, "sent")
     if sent not in {g.id for g in generations}:
         raise KeyringError(f"sent generation {sent} is not among the keyring's generations")
-    return Keyring(serial, sent, generations, _peers(doc.get("peers")))
+    peers = _peers(doc.get("peers"), "peers")
+    outside = _peers(doc.get("outside", []), "outside")
+    _unique([p.name for p in peers + outside], "node name")
+    _unique([p.ip for p in peers + outside], "node IP")
+    return Keyring(serial, sent, generations, peers, _encryption(doc.get("encryption")), outside)
+
+
+def _encryption(raw: Any) -> Encryption:
+    """Absent: on (a keyring from before the switch existed)."""
+    if raw is None:
+        return Encryption()
+    if not isinstance(raw, dict) or not isinstance(raw.get("enabled"), bool):
+        raise KeyringError(
+            "keyring field 'encryption' must be an object with a boolean 'enabled'; "
+            "republish the Secret from the master"
+        )
+    at = raw.get("at")
+    if at is not None and (
+        not isinstance(at, int | float) or isinstance(at, bool) or not 0 <= at < 1e11
+    ):
+        raise KeyringError(
+            f"keyring field 'encryption.at' must be epoch seconds or null, got {_show(at)}"
+        )
+    return Encryption(raw["enabled"], None if at is None else float(at))
 
 
 def _integer(doc: dict[str, Any], name: str) -> int:
@@ -154,13 +204,15 @@ def _generations(raw: Any) -> tuple[Generation, ...]:
     return tuple(result)
 
 
-def _peers(raw: Any) -> tuple[Peer, ...]:
+def _peers(raw: Any, field_name: str) -> tuple[Peer, ...]:
     if not isinstance(raw, list):
-        raise KeyringError("keyring field 'peers' must be a list of {name, ip} objects")
+        raise KeyringError(f"keyring field {field_name!r} must be a list of {{name, ip}} objects")
     result: list[Peer] = []
     for item in raw:
         if not isinstance(item, dict):
-            raise KeyringError("every peer must be an object with 'name' and 'ip'")
+            raise KeyringError(
+                f"every entry of {field_name!r} must be an object with 'name' and 'ip'"
+            )
         name, ip = item.get("name"), item.get("ip")
         if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.fullmatch(name):
             raise KeyringError(f"peer name {_show(name)} is not a valid Kubernetes node name")
@@ -171,8 +223,6 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if address.version != 4:
             raise KeyringError(f"peer {name} has IPv6 address {ip}; IPIP is IPv4 only")
         result.append(Peer(name, str(address)))
-    _unique([p.name for p in result], "peer name")
-    _unique([p.ip for p in result], "peer IP")
     return tuple(result)
 
 
@@ -205,8 +255,13 @@ def _unique(values: list[Any], what: str) -> None:
         seen.add(value)
 
 
-def create(peers: list[Peer], serial: int = 1, generation_id: int = 1) -> Keyring:
+def create(
+    peers: list[Peer],
+    serial: int = 1,
+    generation_id: int = 1,
+    encryption: Encryption = Encryption(),
+    outside: tuple[Peer, ...] = (),
+) -> Keyring:
     """A keyring with one fresh generation, sent: the start of a mesh."""
-    return Keyring(
-        serial, generation_id, (Generation(generation_id, new_generation_key()),), tuple(peers)
-    )
+    key = Generation(generation_id, new_generation_key())
+    return Keyring(serial, generation_id, (key,), tuple(peers), encryption, outside)

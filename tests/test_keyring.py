@@ -57,6 +57,36 @@ def test_accepted_excludes_the_sent_generation() -> None:
     assert keyring.peer("absent") is None
 
 
+def test_keyring_without_switch_or_outside_loads_as_encrypted_with_nobody_outside() -> None:
+    """A keyring from before the switch existed means: on since ever, every node in the mesh."""
+    doc = valid_doc()
+    del doc["encryption"], doc["outside"]
+    keyring = loads(json.dumps(doc))
+    assert keyring.encryption == kr.Encryption(True, 0.0)
+    assert keyring.encryption.mode(now=1e9) == "on"
+    assert keyring.outside == ()
+
+
+@pytest.mark.parametrize(
+    ("enabled", "at", "now", "mode"),
+    [
+        (True, None, 100.0, "prepare"),  # enable announced, not scheduled: get ready only
+        (True, 200.0, 100.0, "prepare"),
+        (True, 200.0, 200.0, "on"),
+        (False, None, 100.0, "on"),  # disable announced: keep encrypting until the moment
+        (False, 200.0, 199.9, "on"),
+        (False, 200.0, 200.0, "off"),
+    ],
+)
+def test_switch_takes_effect_at_its_moment(
+    enabled: bool, at: float | None, now: float, mode: str
+) -> None:
+    """Every agent derives the same mode from the keyring and the clock."""
+    switch = kr.Encryption(enabled, at)
+    assert switch.mode(now) == mode
+    assert switch.wait(now) == (at - now if at is not None and at > now else None)
+
+
 # --- the per-pair key --------------------------------------------------------------------
 
 
@@ -151,8 +181,8 @@ INVALID: dict[str, tuple[bytes | str | Any, str]] = {
         _set("generations.1.key", base64.b64encode(bytes(33)).decode()),
         "key of generation 2 is 33 bytes, expected 32",
     ),
-    "duplicate peer names": (_set("peers.1.name", "node-0"), "duplicate peer name node-0"),
-    "duplicate IPs": (_set("peers.2.ip", "10.0.0.1"), "duplicate peer IP 10.0.0.1"),
+    "duplicate peer names": (_set("peers.1.name", "node-0"), "duplicate node name node-0"),
+    "duplicate IPs": (_set("peers.2.ip", "10.0.0.1"), "duplicate node IP 10.0.0.1"),
     "IP with a leading zero": (
         _set("peers.2.ip", "10.0.0.01"),
         'peer node-2 has an invalid IP address "10.0.0.01"',
@@ -162,9 +192,24 @@ INVALID: dict[str, tuple[bytes | str | Any, str]] = {
     "IPv6": (_set("peers.1.ip", "fd00::1"), "peer node-1 has IPv6 address fd00::1"),
     "invalid node name": (_set("peers.0.name", "Node_0"), 'peer name "Node_0" is not a valid'),
     "node name too long": (_set("peers.0.name", "a" * 254), "is not a valid Kubernetes node name"),
-    "peer not an object": (_set("peers.0", "node-0"), "every peer must be an object"),
+    "peer not an object": (_set("peers.0", "node-0"), "every entry of 'peers' must be an object"),
     "peers not a list": (_set("peers", {}), "'peers' must be a list"),
     "peers missing": (_drop("peers"), "'peers' must be a list"),
+    "encryption not an object": (_set("encryption", "on"), "'encryption' must be an object"),
+    "encryption without enabled": (_set("encryption.enabled", "yes"), "a boolean 'enabled'"),
+    "switch moment not a number": (
+        _set("encryption.at", "soon"),
+        "'encryption.at' must be epoch seconds or null, got \"soon\"",
+    ),
+    "outside not a list": (_set("outside", "node-9"), "'outside' must be a list"),
+    "outside node also a peer": (
+        _set("outside", [{"name": "node-0", "ip": "10.9.9.9"}]),
+        ("duplicate node name node-0"),
+    ),
+    "outside IP also a peer's": (
+        _set("outside", [{"name": "x", "ip": "10.0.0.1"}]),
+        ("duplicate node IP 10.0.0.1"),
+    ),
     "no generations": (_set("generations", []), "at least one key generation"),
     "generation not an object": (_set("generations.0", 1), "every key generation must be"),
     "duplicate generation ids": (_set("generations.1.id", 1), "duplicate generation id 1"),
@@ -272,8 +317,9 @@ json_values = st.recursive(
     | st.floats()
     | st.text(max_size=20)
     | st.sampled_from(["10.0.0.1", "fd00::1", "node-0", base64.b64encode(bytes(32)).decode()]),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
