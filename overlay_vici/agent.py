@@ -3,6 +3,11 @@
 One loop, woken by the Secret watcher or a timer: read the keyring (keeping the last
 good one on any error), render and parse it, diff against charon, send the difference,
 then reauthenticate IKE_SAs that predate a change of the sent generation.
+
+The keyring's encryption switch gives the mode (keyring.Encryption.mode): 'on' keeps the
+guard and trapped connections; 'prepare' loads keys and connections without traps, so
+that the first negotiations after the switch succeed at once; 'off' unloads everything and
+removes the guard. The mode changes at the keyring's moment, read from this node's clock.
 """
 
 from __future__ import annotations
@@ -37,11 +42,10 @@ from overlay_vici.render import (
     swanctl_conf,
 )
 from overlay_vici.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
-from overlay_vici.swanctl_conf import SwanctlSyntaxError, to_messages
+from overlay_vici.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
-GUARD_LINGER = 300.0  # seconds the guard keeps a moved peer's old address
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,12 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Accepted:
-    """The last good keyring, its raw bytes (for a cheap unchanged check) and its target."""
+    """The last good keyring, its raw bytes (for a cheap unchanged check), the mode it was
+    rendered for, and its target."""
 
     raw: bytes
     keyring: Keyring
+    mode: str
     target: Desired
 
 
@@ -90,7 +96,7 @@ class Agent:
         # ones (None: not known, e.g. after an agent restart; sent_since decides then).
         self._switch_ids: frozenset[str] | None = None
         self._capture_switch_ids = False
-        self._lingering: dict[tuple[str, str], float] = {}  # (peer, old IP): guarded until
+        self.mode: str | None = None  # the mode charon was last brought to
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
@@ -122,14 +128,18 @@ class Agent:
         self._refresh_desired()
         wait = self.config.resync_seconds
         if self.desired is not None:
-            # Before anything reaches charon, and even while charon is down: fail closed.
-            self._guard(self.desired.keyring, self.applied)
+            # Before anything reaches charon, and even while charon is down: fail closed
+            # (on), or stop dropping before the SAs go (off).
+            self._guard(self.desired)
             try:
                 wait = min(wait, self._sync(self.desired))
                 self._backoff = BACKOFF_MIN
             except CharonUnavailable as exc:
                 self._fail("charon unreachable", str(exc))
                 wait, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+            switch_in = self.desired.keyring.encryption.wait(time.time())
+            if switch_in is not None:
+                wait = min(wait, switch_in)
         self.last_error = "; ".join(self._errors) or None
         self._write_status()
         if self.config.on_step is not None:
@@ -140,12 +150,22 @@ class Agent:
         try:
             raw = read_keyring_bytes(self.config.secret_dir)
             if self.desired is not None and raw == self.desired.raw:
-                return
-            keyring = loads(raw)
-            text = swanctl_conf(
-                keyring, self.config.node, self.config.settings, self.config.templates
-            )
-            messages = to_messages(text)
+                keyring = self.desired.keyring
+                if self._mode(keyring) == self.desired.mode:
+                    return
+            else:
+                keyring = loads(raw)
+            mode = self._mode(keyring)
+            text = ""
+            if mode != "off":
+                text = swanctl_conf(
+                    keyring,
+                    self.config.node,
+                    self.config.settings,
+                    self.config.templates,
+                    enforce=mode == "on",
+                )
+            messages = to_messages(text) if text else Messages({}, {})
         except (KeyringError, LookupError, SettingsError, SwanctlSyntaxError) as exc:
             kept = (
                 f"keeping keyring serial {self.desired.keyring.serial}"
@@ -156,15 +176,24 @@ class Agent:
             return
         if self.config.conf_out:
             write_atomic(self.config.conf_out, text, 0o600)
-        self.desired = Accepted(raw, keyring, Desired.of(messages, self._initiated(keyring)))
+        initiated = self._initiated(keyring) if mode == "on" else frozenset()
+        self.desired = Accepted(raw, keyring, mode, Desired.of(messages, initiated))
         log.info(
             "keyring accepted",
             node=self.config.node,
             serial=keyring.serial,
             sent=keyring.sent,
             accepted=list(keyring.accepted),
-            peers=len(keyring.peers) - 1,
+            peers=len(messages.conns),
+            encryption=mode,
+            switch_at=keyring.encryption.at,
         )
+
+    def _mode(self, keyring: Keyring) -> str:
+        """A node outside the mesh is off whatever the switch says."""
+        if any(node.name == self.config.node for node in keyring.outside):
+            return "off"
+        return keyring.encryption.mode(time.time())
 
     def _initiated(self, keyring: Keyring) -> frozenset[str]:
         """Connections this node brings up as soon as they load: those to higher IPs.
@@ -200,9 +229,27 @@ class Agent:
             )
         if failures == 0 and desired.keyring is not self.applied:
             self._mark_applied(desired.keyring)
-        if failures == 0:
-            self._guard(desired.keyring)  # peers gone from the keyring are unloaded by now
+        if failures == 0 and desired.mode != self.mode:
+            self._enter_mode(desired)
+        if desired.mode == "off":
+            return self._close_all()
         return self._maintain_sas()
+
+    def _enter_mode(self, desired: Accepted) -> None:
+        """At the switch to on, bring up at once what prepare only loaded."""
+        log.info("encryption mode", node=self.config.node, mode=desired.mode, was=self.mode)
+        if self.mode == "prepare" and desired.mode == "on":
+            for conn in sorted(desired.target.initiated):
+                self._initiate(conn)
+        self.mode = desired.mode
+
+    def _close_all(self) -> float:
+        """Off: no IKE_SA of ours may outlive its connection, or its policies would stay."""
+        self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
+        self.stale = []
+        for sa in self.sas:
+            self._act(self._terminate_now, "closing IKE_SA, encryption is off", sa)
+        return self.config.resync_seconds
 
     def _schedule_initiations(self, desired: Accepted, loaded_conns: set[str]) -> None:
         """Connections this charon did not hold (it is new, or restarted) that the other end
@@ -234,17 +281,17 @@ class Agent:
             self._sent_digests.pop(command.subject, None)
         return True
 
-    def _guard(self, *keyrings: Keyring | None) -> None:
-        """Keep the guard on every peer of these keyrings (old and new while a change is
-        applied, so that a peer whose IP moves is covered at both addresses)."""
-        if self.config.guard is None:
+    def _guard(self, desired: Accepted) -> None:
+        """On: drop all unprotected IPIP but that of nodes outside the mesh. Otherwise none:
+        the guard is removed only by the switch (or an operator), never by a restart."""
+        guard = self.config.guard
+        if guard is None:
             return
-        peers = {(p.name, p.ip) for keyring in keyrings if keyring for p in keyring.peers}
-        now = time.time()
-        self._lingering = {peer: until for peer, until in self._lingering.items() if until > now}
-        peers |= set(self._lingering)
         try:
-            self.config.guard.ensure(peers)
+            if desired.mode == "on":
+                guard.ensure((p.name, p.ip) for p in desired.keyring.outside)
+            elif desired.mode != self.mode:
+                guard.remove()
         except GuardError as exc:
             self._fail("guard failed", str(exc))
 
@@ -262,16 +309,10 @@ class Agent:
             self._capture_switch_ids = True
             self._reauth_issued.clear()
             log.info("sent generation switched", node=self.config.node, sent=keyring.sent)
-        if self.applied is not None:
-            # A peer that moved may still be routed to at its old address (Calico's routes and
-            # the keyring change independently): keep guarding that address for a while.
-            old = {p.name: p.ip for p in self.applied.peers}
-            for peer in keyring.peers:
-                if old.get(peer.name, peer.ip) != peer.ip:
-                    self._lingering[peer.name, old[peer.name]] = time.time() + GUARD_LINGER
         self.applied = keyring
         self._peer_ips = {conn_name(p.name): ip_address(p.ip) for p in keyring.peers}
-        self._own_ip = ip_address(local_node(keyring, self.config.node).ip)
+        own = keyring.peer(self.config.node)
+        self._own_ip = ip_address(own.ip if own else "0.0.0.0")
 
     def _maintain_sas(self) -> float:
         """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
@@ -366,7 +407,9 @@ class Agent:
             }
             if applied
             else {},
-            "peers_expected": len(applied.peers) - 1 if applied else 0,
+            "encryption": self.mode,
+            "switch_at": applied.encryption.at if applied else None,
+            "peers_expected": len(self.desired.target.messages.conns) if self.desired else 0,
             "peers_up": len(up),
             "ike_sas": len(self.sas),
             "stale_ike_sas": len(self.stale),

@@ -112,9 +112,15 @@ def local_node(keyring: Keyring, node_name: str) -> Peer:
 
 
 def swanctl_conf(
-    keyring: Keyring, node_name: str, settings: Settings, templates: Path | None = None
+    keyring: Keyring,
+    node_name: str,
+    settings: Settings,
+    templates: Path | None = None,
+    enforce: bool = True,
 ) -> str:
-    """The swanctl.conf for one node: a connection per peer and its per-pair keys."""
+    """The swanctl.conf for one node: a connection per peer and its per-pair keys.
+    `enforce` False: connections that answer the peers but trap nothing (the switch's
+    prepare step), so that no policy exists until the switch."""
     node = local_node(keyring, node_name)
     peers = [
         {
@@ -134,7 +140,7 @@ def swanctl_conf(
         if peer.name != node.name
     ]
     template = _environment(templates).get_template("swanctl.conf.j2")
-    return template.render(node=node, peers=peers, settings=settings)
+    return template.render(node=node, peers=peers, settings=settings, enforce=enforce)
 
 
 def strongswan_conf(

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from keyring_fixtures import build_keyring, node_ip
 from overlay_vici.agent import Agent, AgentConfig
 from overlay_vici.charon import Charon
 from overlay_vici.files import KEYRING_FILE, publish_secret
-from overlay_vici.keyring import Keyring, dumps
+from overlay_vici.keyring import Encryption, Keyring, Peer, dumps
 from overlay_vici.render import Settings, conn_name, secret_id, strongswan_conf
 from overlay_vici.sa_plan import INITIATE_GRACE
 
@@ -334,6 +334,58 @@ def test_operator_connections_and_keys_survive(harness: Harness, charon: CharonP
     conns, keys = charon.state()
     assert conns == {"site", "ov-node-1"}
     assert keys == {"ike-site", secret_id("node-1", 1), secret_id("node-1", 2)}
+
+
+# --- the cluster-wide switch ---------------------------------------------------------------
+
+
+def _switched(keyring: Keyring, enabled: bool, at: float | None, serial: int) -> Keyring:
+    return replace(keyring, encryption=Encryption(enabled, at), serial=serial)
+
+
+def _start_actions(harness: Harness) -> set[str]:
+    """The start_action of the conns the last step loaded (charon's list-conns omits it)."""
+    last = [m for c, m in harness.charon.log if c == "load-conn" and m][-3:]
+    return {
+        child["start_action"] for m in last for c in m.values() for child in c["children"].values()
+    }
+
+
+def test_switch_prepare_then_on_then_off(harness: Harness, charon: CharonProcess) -> None:
+    """Announced: keys and untrapped conns, nothing initiated. At the moment: trapped conns,
+    brought up at once. Disabled at its moment: charon holds nothing of ours."""
+    keyring = build_keyring(4)
+    at = time.time() + 1.0
+    harness.publish(_switched(keyring, True, None, 1))
+    commands = harness.step()
+    assert charon.state() == expected(keyring)
+    assert "initiate" not in commands and harness.status_doc()["encryption"] == "prepare"
+    assert _start_actions(harness) == {"none"}
+
+    harness.publish(_switched(keyring, True, at, 2))
+    assert harness.agent.step() <= at - time.time() + 0.01  # wakes at the moment
+    time.sleep(max(0.0, at - time.time()))
+    commands = harness.step()
+    assert commands.count("load-conn") == 3 and commands.count("initiate") == 3
+    assert "load-shared" not in commands  # the keys were ready
+    assert _start_actions(harness) == {"trap"}
+    assert harness.status_doc()["encryption"] == "on"
+
+    harness.publish(_switched(keyring, False, time.time(), 3))
+    harness.step()
+    assert charon.state() == (set(), set())
+    status = harness.status_doc()
+    assert status["encryption"] == "off" and status["keyring_serial"] == 3
+    assert status["last_error"] is None and status["peers_expected"] == 0
+
+
+def test_node_outside_the_mesh_loads_nothing(harness: Harness, charon: CharonProcess) -> None:
+    """An opted-out node's own agent is off whatever the switch says."""
+    mesh = build_keyring((1, 2, 3))
+    harness.publish(replace(mesh, outside=(Peer(NODE, node_ip(0)),)))
+    harness.step()
+    assert charon.state() == (set(), set())
+    assert harness.agent.last_error is None and harness.status_doc()["encryption"] == "off"
 
 
 def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -> None:
