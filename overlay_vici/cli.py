@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the master: keep the keyring Secret and rotate its keys",
         description="Watch the nodes, keep the keyring (keys, phase, peer list) in the Secret "
         "and rotate the keys every --interval and on demand, each phase waiting for every "
-        "live agent. With --local, files in STATE stand in for the Kubernetes API.",
+        "live agent; switch encryption on or off on every node at one moment. With --local, "
+        "files in STATE stand in for the Kubernetes API.",
     )
     master.add_argument("--local", type=Path, metavar="STATE", help="local mode: state directory")
     master.add_argument(
@@ -272,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="overlay-vici.io/opt-out",
         help='nodes with this label set to "true" are left out (default %(default)s)',
     )
+    master.add_argument(
+        "--enabled-file",
+        type=Path,
+        metavar="FILE",
+        help="Kubernetes mode: the encryption switch, a file saying true or false (the "
+        "settings ConfigMap's key `enabled`, mounted), read at every step; missing: keep the "
+        "keyring's (local mode reads STATE/_master/enabled)",
+    )
+    master.add_argument(
+        "--cutover-lead",
+        type=duration,
+        default=10.0,
+        metavar="DURATION",
+        help="the least time between scheduling an encryption switch and its moment "
+        "(default 10s; at least twice the time the agents took to acknowledge it)",
+    )
     master.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     _add_metrics(master, 9540)
 
@@ -280,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--local", type=Path, metavar="STATE", help="local mode: state directory")
     _add_kube(rotate)
+
+    encryption = commands.add_parser(
+        "encryption",
+        help="switch encryption on or off on every node at once",
+        description="Set the switch the master follows: it announces the change, waits for "
+        "every live agent, and publishes the moment all nodes change together. Follow it "
+        "with `overlay-vici status`. Kubernetes: patch the settings ConfigMap instead.",
+    )
+    encryption.add_argument("state", choices=["on", "off"])
+    encryption.add_argument(
+        "--local", type=Path, metavar="STATE", help="local mode: state directory"
+    )
 
     status = commands.add_parser(
         "status",
@@ -333,6 +362,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _master(args)
     if args.command == "rotate":
         return _rotate(args)
+    if args.command == "encryption":
+        return _encryption(args)
     if args.command == "status":
         return _status(args)
     if args.command == "report-lease":
@@ -469,7 +500,9 @@ def _master(args: argparse.Namespace) -> int:
     from overlay_vici.rotation import Policy
 
     log.setup(args.log_level)
-    policy = Policy(interval=args.interval, agent_timeout=args.agent_timeout)
+    policy = Policy(
+        interval=args.interval, agent_timeout=args.agent_timeout, cutover_lead=args.cutover_lead
+    )
     stop = _stop_event()
     if args.local:
         from overlay_vici.local import LocalStore, read_nodes
@@ -493,7 +526,10 @@ def _master(args: argparse.Namespace) -> int:
 
     wake = threading.Event()
     kube, api = _kube_store(
-        args, identity=args.identity or socket.gethostname(), lease_duration=args.lease_duration
+        args,
+        identity=args.identity or socket.gethostname(),
+        lease_duration=args.lease_duration,
+        enabled_file=args.enabled_file,
     )
     kube.watcher = NodeWatcher(api, args.opt_out_label, wake=wake)
     watch_thread = threading.Thread(target=kube.watcher.run, args=(stop,), daemon=True)
@@ -528,6 +564,21 @@ def _rotate(args: argparse.Namespace) -> int:
         kube, _ = _kube_store(args)
         _api_call(kube.request_rotation, f"{time.time():.6f}-{secrets.token_hex(4)}")
     print("rotation requested; follow it with `overlay-vici status`")
+    return 0
+
+
+def _encryption(args: argparse.Namespace) -> int:
+    value = "true" if args.state == "on" else "false"
+    if not args.local:
+        raise ValueError(
+            "in Kubernetes the master follows the settings ConfigMap, so switch it there: "
+            "kubectl -n overlay-vici patch configmap overlay-vici-config --type merge "
+            f"""-p '{{"data":{{"enabled":"{value}"}}}}'"""
+        )
+    from overlay_vici.local import set_encryption
+
+    set_encryption(args.local, args.state == "on")
+    print(f"encryption {args.state} requested; follow the cutover with `overlay-vici status`")
     return 0
 
 
@@ -571,12 +622,17 @@ def _status_text(view: dict) -> str:  # type: ignore[type-arg]
         rotation = "no rotation under way" + (
             " (one requested)" if view["rotation_requested"] else ""
         )
+        if view["encryption"]["pending"] or view["encryption"]["mode"] == "off":
+            rotation += "; rotations wait until encryption is on and no switch is pending"
     lines = [
         f"active generation {view['active_generation']} (keyring serial {view['serial']}: {roles})",
+        _switch_text(view),
         rotation,
     ]
     if view["expired"]:
         lines.append(f"expired agents, not waited for: {', '.join(view['expired'])}")
+    if view["outside"]:
+        lines.append(f"outside the mesh, IPIP to them unencrypted: {', '.join(view['outside'])}")
     rows = [("NODE", "AGENT", "HEARTBEAT", "SERIAL", "SAS UP", "GENERATIONS", "LAST ERROR")]
     for node in view["nodes"]:
         if "keyring_serial" not in node:
@@ -600,6 +656,26 @@ def _status_text(view: dict) -> str:  # type: ignore[type-arg]
         for row in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def _switch_text(view: dict) -> str:  # type: ignore[type-arg]
+    """The encryption line of `status`: the mode now and any switch under way."""
+    import time
+
+    switch = view["encryption"]
+    target = "on" if switch["enabled"] else "off"
+    line = f"encryption {switch['mode']}"
+    if switch["at"] is None:
+        waiting = ", ".join(view["waiting"])
+        line += f", switch to {target} announced, " + (
+            f"waiting for {waiting}" if waiting else "being scheduled"
+        )
+    elif switch["pending"]:
+        moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(switch["at"]))
+        line += f", switching {target} at {moment}.{int(switch['at'] % 1 * 1000):03d}Z"
+    if switch["lagging"]:
+        line += f"; agents not yet {switch['mode']}: {', '.join(switch['lagging'])}"
+    return line
 
 
 def _report_lease(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
 - KubeStore: the Secret (keyring.json + master.json, read and replaced with its
   resourceVersion: a 409 is reported as a conflict, never overwritten), the agents' ack
   Leases (written by `overlay-vici report-lease`, see overlay_vici.lease), leader
-  election on a Lease, and Kubernetes Events for rotations and failures (`record`; what
-  each master event becomes is `k8s_event`, pure).
+  election on a Lease, Kubernetes Events for rotations, switches and failures (`record`;
+  what each master event becomes is `k8s_event`, pure), and the operator's encryption
+  switch from the settings ConfigMap as mounted into the master (`--enabled-file`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
 
 from overlay_vici import log
 from overlay_vici.lease import AGENT_SELECTOR, STATUS_ANNOTATION, lease_name
-from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot
+from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
 from overlay_vici.rotation import AgentReport, NodeInfo
 
 REQUEST_ANNOTATION = "overlay-vici.io/rotate-requested"
@@ -159,6 +161,7 @@ class KubeStore:
         leader_lease: str = DEFAULT_LEADER_LEASE,
         lease_duration: int = 15,
         watcher: NodeWatcher | None = None,
+        enabled_file: Path | None = None,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
@@ -168,6 +171,7 @@ class KubeStore:
         self.leader_lease = leader_lease
         self.lease_duration = lease_duration
         self.watcher = watcher
+        self._switch = SwitchFile(enabled_file) if enabled_file else None
         self._read: Any = None
         self.conflicts: Counter[str] = Counter()  # 409s, by "secret" and "lease"
         self._lease_uids: dict[str, str] = {}  # node -> its ack Lease's uid, for Events
@@ -263,6 +267,9 @@ class KubeStore:
                 reports[report.node] = report
                 self._lease_uids[report.node] = lease.metadata.uid
         return reports
+
+    def desired(self) -> bool | None:
+        return self._switch() if self._switch else None
 
     # -- leader election --------------------------------------------------------------
     def is_leader(self, now: float) -> bool:
@@ -419,6 +426,32 @@ def k8s_event(event: str, fields: Mapping[str, Any]) -> tuple[str, str, str, str
             "RotationDone",
             f"Rotation {rotation} done: phase retire finished{without}; generation "
             f"{fields.get('sent')} is the only key.",
+            None,
+        )
+    state = "on" if fields.get("enabled") else "off"
+    if event == "encryption switch announced":
+        return (
+            "Normal",
+            "EncryptionSwitchAnnounced",
+            f"Encryption switch to {state} announced: once every live agent has this keyring, "
+            "the master schedules the moment all nodes change together.",
+            None,
+        )
+    if event == "encryption switch scheduled":
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(fields.get("at", 0))))
+        return (
+            "Normal",
+            "EncryptionSwitchScheduled",
+            f"Every node switches encryption {state} at {at}, "
+            f"{fields.get('lead')} s from now{without}.",
+            None,
+        )
+    if event == "encryption switch reverted":
+        return (
+            "Normal",
+            "EncryptionSwitchReverted",
+            f"The announced encryption switch was withdrawn before its moment was set: "
+            f"encryption stays {state}.",
             None,
         )
     if event == "agent expired, not waiting for it":

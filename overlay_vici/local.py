@@ -2,6 +2,8 @@
 
     STATE/_master/secret/      the Secret (keyring.json, master.json), kubelet's ..data layout
     STATE/_master/rotate-request   an on-demand request (`overlay-vici rotate --local STATE`)
+    STATE/_master/enabled      the encryption switch, true or false (`overlay-vici encryption`);
+                               missing: the keyring's stays
     STATE/_master/lock         held (flock) by the running master: one per state directory
     STATE/<node>/secret/       each node's copy of the Secret, as kubelet would mount it
     STATE/<node>/status.json   the node's agent's status report (its acknowledgement)
@@ -23,11 +25,12 @@ from typing import Any
 
 from overlay_vici import log
 from overlay_vici.files import publish_secret, read_json, write_atomic
-from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot
+from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
 from overlay_vici.rotation import AgentReport, NodeInfo
 
 MASTER_DIR = "_master"
 REQUEST_FILE = "rotate-request"
+ENABLED_FILE = "enabled"
 
 
 class NodesFileError(ValueError):
@@ -95,13 +98,24 @@ def read_nodes(path: Path) -> list[NodeInfo]:
 
 def request_rotation(state: Path) -> str:
     """Leave an on-demand request for the local master; returns its token."""
+    token = f"{time.time():.6f}-{secrets.token_hex(4)}"
+    _leave(state, REQUEST_FILE, token)
+    return token
+
+
+def set_encryption(state: Path, enabled: bool) -> None:
+    """Set the switch the local master follows (it may start later: the first keyring is
+    then created with it)."""
+    _leave(state, ENABLED_FILE, "true" if enabled else "false")
+
+
+def _leave(state: Path, name: str, text: str) -> None:
+    """Write a file for the local master, atomically: it reads it at every step."""
     if not state.is_dir():
         raise NodesFileError(
             f"no local master state at {state}; start `overlay-vici master --local {state}` first"
         )
-    token = f"{time.time():.6f}-{secrets.token_hex(4)}"
-    write_atomic(master_dir(state) / REQUEST_FILE, token + "\n", 0o644)
-    return token
+    write_atomic(master_dir(state) / name, text + "\n", 0o644)
 
 
 def read_snapshot(state: Path) -> Snapshot:
@@ -137,6 +151,7 @@ class LocalStore:
         self._nodes_stamp: tuple[int, int] | None = None
         self._nodes_error: str | None = None
         self._synced: str | None = None
+        self._switch = SwitchFile(master_dir(state) / ENABLED_FILE)
         self.conflicts: Counter[str] = Counter()  # writes refused: the Secret changed
 
     def is_leader(self, now: float) -> bool:
@@ -195,6 +210,9 @@ class LocalStore:
     def reports(self) -> Mapping[str, AgentReport]:
         names = {n.name for n in self._nodes or ()}
         return read_reports(self.state, sorted(names))
+
+    def desired(self) -> bool | None:
+        return self._switch()
 
     def _copy_to_nodes(self, snapshot: Snapshot) -> None:
         """Give every peer's node directory the Secret's current files, as kubelet would."""

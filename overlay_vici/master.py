@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from overlay_vici import keyring as kr
@@ -22,6 +23,7 @@ from overlay_vici.rotation import (
     MasterState,
     NodeInfo,
     Policy,
+    cutover_pending,
     decide,
     dumps_state,
     loads_state,
@@ -53,6 +55,9 @@ class Store(Protocol):
 
     def reports(self) -> Mapping[str, AgentReport]: ...
 
+    def desired(self) -> bool | None:
+        """The operator's encryption switch; None: keep the keyring's."""
+
     def is_leader(self, now: float) -> bool:
         """Acquire or renew leadership; only the leader writes."""
 
@@ -68,6 +73,36 @@ def parse(snapshot: Snapshot) -> Parsed:
     unreadable)."""
     keyring = kr.loads(snapshot.keyring) if snapshot.keyring is not None else None
     return Parsed(keyring, loads_state(snapshot.master))
+
+
+class SwitchFile:
+    """The operator's switch as a file saying `true` or `false`: local mode's
+    STATE/_master/enabled, or the key `enabled` of the settings ConfigMap mounted into the
+    master (kubelet updates it in place, so it is read at every step)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._error: str | None = None
+
+    def __call__(self) -> bool | None:
+        """The switch; None (keep the keyring's) if the file is missing, or unreadable or
+        garbled, which is logged once."""
+        try:
+            text = self.path.read_bytes().decode(errors="replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            error = f"cannot read {self.path} ({exc.strerror}); check the file or its mount"
+        else:
+            value = {"true": True, "false": False}.get(text.lower())
+            if value is not None:
+                self._error = None
+                return value
+            error = f"{self.path} says {text[:20]!r}; write true or false into it"
+        if error != self._error:
+            log.error("encryption switch unreadable, keeping the current one", error=error)
+        self._error = error
+        return None
 
 
 class Master:
@@ -123,6 +158,7 @@ class Master:
                 now,
                 self.policy,
                 snapshot.request,
+                self.store.desired(),
             )
             if decision.changed:
                 if not self.store.write(
@@ -140,11 +176,15 @@ class Master:
                     sent=decision.keyring.sent,
                     generations=[g.id for g in decision.keyring.generations],
                     peers=len(decision.keyring.peers),
+                    outside=len(decision.keyring.outside),
+                    encryption=decision.keyring.encryption.mode(now),
+                    switch_at=decision.keyring.encryption.at,
                 )
-            if decision.waiting != self._waiting and decision.state.rotating:
+            announced = decision.keyring.encryption.at is None
+            if decision.waiting != self._waiting and (decision.state.rotating or announced):
                 log.info(
                     "waiting for agents",
-                    phase=decision.state.phase,
+                    phase=decision.state.phase if decision.state.rotating else "cutover",
                     agents=list(decision.waiting[:20]),
                     count=len(decision.waiting),
                 )
@@ -191,12 +231,24 @@ def mesh_status(
 ) -> dict[str, Any]:
     """What `overlay-vici status` shows: the mesh's generation and phase, and per node its
     agent's report. Pure: the same view in local and Kubernetes mode."""
-    from overlay_vici.rotation import classify, completed, consistent
+    from overlay_vici.rotation import (
+        classify,
+        completed,
+        consistent,
+        cutover_waiting,
+        phase_waiting,
+    )
 
     parsed = parse(snapshot)
     keyring = parsed.keyring
     if keyring is None:
-        return {"active_generation": None, "rotating": False, "serial": None, "nodes": []}
+        return {
+            "active_generation": None,
+            "rotating": False,
+            "encryption": None,
+            "serial": None,
+            "nodes": [],
+        }
     state = consistent(keyring, parsed.state or MasterState())
     live, expired, absent = classify(keyring.peers, reports, now, policy)
     live_names = set(live)
@@ -218,11 +270,17 @@ def mesh_status(
                 stale_ike_sas=report.stale_ike_sas,
                 reauthenticated=report.reauthenticated,
                 last_error=report.last_error,
+                encryption=report.encryption,
                 phase_done=state.rotating
                 and completed(report, state.phase, state.phase_serial, keyring.sent, live_names),
             )
         nodes.append(entry)
     due = (state.last_rotation or now) + policy.interval
+    switch, mode = keyring.encryption, keyring.encryption.mode(now)
+    if state.rotating:
+        waiting = phase_waiting(state, live, keyring.sent)
+    else:
+        waiting = cutover_waiting(state, live) if switch.at is None else ()
     return {
         "active_generation": keyring.sent,
         "generations": {
@@ -230,19 +288,23 @@ def mesh_status(
         },
         "serial": keyring.serial,
         "rotating": state.rotating,
+        "encryption": {
+            "enabled": switch.enabled,
+            "mode": mode,
+            "at": switch.at,
+            "pending": cutover_pending(switch, now),
+            # Live agents that report another mode than the keyring's now.
+            "lagging": sorted(n for n, r in live.items() if r.encryption not in (None, mode)),
+        },
         "phase": state.phase,
         "rotation": state.rotation,
         "rotation_requested": bool(snapshot.request and snapshot.request != state.handled_request),
         "last_rotation": state.last_rotation,
         "next_rotation_due": due,
-        "waiting": sorted(
-            n
-            for n, r in live.items()
-            if state.rotating
-            and not completed(r, state.phase, state.phase_serial, keyring.sent, live_names)
-        ),
+        "waiting": list(waiting),
         "expired": list(expired),
         "absent": list(absent),
+        "outside": [p.name for p in keyring.outside],
         "history": [dict(h) for h in state.history],
         "nodes": nodes,
     }

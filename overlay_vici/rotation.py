@@ -14,6 +14,15 @@ the switch (none stale, or stale only towards nodes whose agents are not live). 
 is live while its last report is younger than `Policy.agent_timeout`; an agent that is not
 (expired, or never reported) is listed and skipped: it does not block the mesh, and when
 it returns it loads whatever keyring is current and catches up.
+
+The encryption switch changes in a cutover, entered only while idle (and no rotation starts
+during one), so that every agent changes mode at the same moment:
+
+    announced (at None: agents get ready, enforce nothing new)
+         -> every live agent has that keyring -> scheduled (at = now + lead) -> done
+
+The lead is at least twice the time the acknowledgements took, so that the scheduling
+keyring reaches every agent before its moment; an agent that sees it late acts at once.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class AgentReport:
     peers_up: int = 0
     peers_expected: int = 0
     last_error: str | None = None
+    encryption: str | None = None  # the switch's mode the agent brought its node to
 
     @classmethod
     def from_status(cls, doc: Mapping[str, Any], node: str | None = None) -> AgentReport | None:
@@ -85,7 +95,8 @@ class AgentReport:
             stale_peers=stale_peers,
             peers_up=_int_or_none(doc.get("peers_up")) or 0,
             peers_expected=_int_or_none(doc.get("peers_expected")) or 0,
-            last_error=doc.get("last_error") if isinstance(doc.get("last_error"), str) else None,
+            last_error=_str_or_none(doc.get("last_error")),
+            encryption=_str_or_none(doc.get("encryption")),
         )
 
 
@@ -93,6 +104,7 @@ class AgentReport:
 class Policy:
     interval: float = 24 * 3600.0  # seconds between rotations
     agent_timeout: float = 90.0  # a report older than this: the agent is not live
+    cutover_lead: float = 10.0  # the least time between scheduling a switch and its moment
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,9 @@ class MasterState:
     expired: tuple[str, ...] = ()  # agents skipped, as last logged
     # Per rotation: {"rotation": n, "stage": t, "switch": t, "retire": t, "idle": t}.
     history: tuple[Mapping[str, float], ...] = ()
+    # While a switch is announced: the serial of the keyring that announced it, and when.
+    cutover_serial: int | None = None
+    cutover_announced: float | None = None
 
     @property
     def rotating(self) -> bool:
@@ -145,6 +160,8 @@ def loads_state(text: str | bytes | None) -> MasterState | None:
             handled_request=doc.get("handled_request"),
             expired=tuple(doc.get("expired", ())),
             history=tuple(dict(h) for h in doc.get("history", ())),
+            cutover_serial=_int_or_none(doc.get("cutover_serial")),
+            cutover_announced=_float_or_none(doc.get("cutover_announced")),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -163,6 +180,11 @@ def phase_of(keyring: kr.Keyring) -> str | None:
 
 def consistent(keyring: kr.Keyring, state: MasterState) -> MasterState:
     """The state, or one inferred from the keyring if they disagree (e.g. a manual edit)."""
+    announced = keyring.encryption.at is None
+    if announced != (state.cutover_serial is not None):
+        # As the keyring says; an announcement the state lost waits for the current serial.
+        serial = keyring.serial if announced else None
+        state = dataclasses.replace(state, cutover_serial=serial, cutover_announced=None)
     shape = phase_of(keyring)
     if shape is None and state.phase in ("idle", "retire"):
         return state
@@ -186,16 +208,13 @@ def desired_peers(
     skipped: list[tuple[str, str]] = []
     candidates: list[kr.Peer] = []
     for node in nodes:
+        peer = _as_peer(node)
         if node.opted_out:
             skipped.append((node.name, "opted out"))
-        elif not _NODE_NAME.match(node.name) or len(node.name) > 253:
-            skipped.append((node.name, "invalid node name"))
-        elif not node.ip:
-            skipped.append((node.name, "no InternalIP"))
-        elif (address := _ipv4(node.ip)) is None:
-            skipped.append((node.name, f"InternalIP {node.ip} is not IPv4"))
+        elif isinstance(peer, str):
+            skipped.append((node.name, peer))
         else:
-            candidates.append(kr.Peer(node.name, address))
+            candidates.append(peer)
     holders = {p.ip: p.name for p in current}
     by_ip: dict[str, list[kr.Peer]] = {}
     for peer in candidates:
@@ -212,6 +231,31 @@ def desired_peers(
             (p.name, f"InternalIP {ip} is claimed twice") for p in claimants if p != keeper
         )
     return tuple(sorted(peers, key=lambda p: p.name)), tuple(sorted(skipped))
+
+
+def outside_peers(nodes: Iterable[NodeInfo], peers: Iterable[kr.Peer]) -> tuple[kr.Peer, ...]:
+    """The opted-out nodes the agents' guards must let plaintext IPIP reach, sorted by name:
+    those with a valid name and IPv4 InternalIP that no peer holds (of two claiming one IP,
+    the first by name: the guard allows the IP, whichever name it carries)."""
+    taken = {p.ip for p in peers}
+    outside: list[kr.Peer] = []
+    for node in sorted(nodes, key=lambda n: n.name):
+        peer = _as_peer(node)
+        if node.opted_out and isinstance(peer, kr.Peer) and peer.ip not in taken:
+            taken.add(peer.ip)
+            outside.append(peer)
+    return tuple(outside)
+
+
+def _as_peer(node: NodeInfo) -> kr.Peer | str:
+    """The node as a keyring entry, or why it cannot be one."""
+    if not _NODE_NAME.match(node.name) or len(node.name) > 253:
+        return "invalid node name"
+    if not node.ip:
+        return "no InternalIP"
+    if (address := _ipv4(node.ip)) is None:
+        return f"InternalIP {node.ip} is not IPv4"
+    return kr.Peer(node.name, address)
 
 
 def classify(
@@ -232,11 +276,16 @@ def classify(
     return live, tuple(expired), tuple(absent)
 
 
+def applied(report: AgentReport, serial: int) -> bool:
+    """Has this agent loaded the keyring with this serial, or a newer one?"""
+    return report.keyring_serial is not None and report.keyring_serial >= serial
+
+
 def completed(
     report: AgentReport, phase: str, phase_serial: int, sent: int, live: set[str]
 ) -> bool:
     """Has this agent finished the current phase? `live`: the peers whose agents are live."""
-    if report.keyring_serial is None or report.keyring_serial < phase_serial:
+    if not applied(report, phase_serial):
         return False
     if phase != "switch":
         return True
@@ -247,6 +296,18 @@ def completed(
     # Stale IKE_SAs only towards nodes whose agents are not live (expired, absent, or no
     # longer peers) do not hold the mesh back: those agents catch up when they return.
     return report.stale_peers is not None and not set(report.stale_peers) & live
+
+
+def phase_waiting(
+    state: MasterState, live: Mapping[str, AgentReport], sent: int
+) -> tuple[str, ...]:
+    """Live agents that have not yet finished the current rotation phase."""
+    names = set(live)
+    return tuple(
+        name
+        for name, report in sorted(live.items())
+        if not completed(report, state.phase, state.phase_serial, sent, names)
+    )
 
 
 def rotation_due(state: MasterState, now: float, policy: Policy, request: str | None) -> str | None:
@@ -266,17 +327,32 @@ def decide(
     now: float,
     policy: Policy,
     request: str | None = None,
+    enabled: bool | None = None,
 ) -> Decision:
     """The next keyring and master state. At most one phase change per call.
 
     `nodes` None means the node list is not known yet: the peer list is kept as it is.
-    A new keyring (new peers and/or a phase change) always gets serial + 1.
+    `enabled` is the operator's desired switch, None to keep the keyring's.
+    A new keyring (peers, outside list, phase or switch changed) always gets serial + 1.
     """
     events: list[tuple[str, dict[str, Any]]] = []
     if keyring is None:
         peers, skipped = desired_peers(nodes or (), ())
-        created = kr.create(list(peers))
-        events.append(("keyring created", {"serial": 1, "generation": 1, "peers": len(peers)}))
+        outside = outside_peers(nodes or (), peers)
+        switch = kr.Encryption(True if enabled is None else enabled, 0.0)
+        created = kr.create(list(peers), encryption=switch, outside=outside)
+        events.append(
+            (
+                "keyring created",
+                {
+                    "serial": 1,
+                    "generation": 1,
+                    "peers": len(peers),
+                    "outside": len(outside),
+                    "encryption": switch.mode(now),
+                },
+            )
+        )
         events.extend(("node skipped", {"node": n, "reason": r}) for n, r in skipped)
         fresh = MasterState(phase_serial=1, last_rotation=now)
         return Decision(created, fresh, True, (), (), tuple(p.name for p in peers), tuple(events))
@@ -296,23 +372,17 @@ def decide(
         )
 
     generations, sent = _normalise(keyring)
-    peers = keyring.peers
+    peers, outside = keyring.peers, keyring.outside
     if nodes is not None:
         peers, skipped = desired_peers(nodes, keyring.peers)
+        outside = outside_peers(nodes, peers)
         if peers != keyring.peers:
-            old = {p.name: p.ip for p in keyring.peers}
-            new = {p.name: p.ip for p in peers}
+            reasons = [f"{n}: {r}" for n, r in skipped]
             events.append(
-                (
-                    "peer list changed",
-                    {
-                        "joined": sorted(set(new) - set(old)),
-                        "left": sorted(set(old) - set(new)),
-                        "moved": sorted(n for n in set(new) & set(old) if new[n] != old[n]),
-                        "skipped": [f"{n}: {r}" for n, r in skipped],
-                    },
-                )
+                ("peer list changed", {**_changes(keyring.peers, peers), "skipped": reasons})
             )
+        if outside != keyring.outside:
+            events.append(("outside list changed", _changes(keyring.outside, outside)))
 
     live, expired, absent = classify(peers, reports, now, policy)
     not_live = set(expired) | set(absent)
@@ -325,8 +395,14 @@ def decide(
 
     waiting: tuple[str, ...] = ()
     next_state = state
+    switch = keyring.encryption
     if state.phase == "idle":
-        why = rotation_due(state, now, policy, request)
+        switch, next_state, waiting, step_events = _cutover(
+            switch, state, live, not_live, enabled, now, policy
+        )
+        events.extend(step_events)
+        steady = switch == keyring.encryption and not cutover_pending(switch, now)
+        why = rotation_due(state, now, policy, request) if steady and switch.enabled else None
         if why:
             new_id = max(g.id for g in generations) + 1
             generations = (*generations, kr.Generation(new_id, kr.new_generation_key()))
@@ -342,12 +418,7 @@ def decide(
                 ("rotation started", {"rotation": state.rotation + 1, "reason": why, "new": new_id})
             )
     else:
-        live_names = set(live)
-        waiting = tuple(
-            name
-            for name, report in sorted(live.items())
-            if not completed(report, state.phase, state.phase_serial, sent, live_names)
-        )
+        waiting = phase_waiting(state, live, sent)
         if not waiting:
             nxt = PHASES[(PHASES.index(state.phase) + 1) % len(PHASES)]
             newest = max(g.id for g in generations)
@@ -370,13 +441,91 @@ def decide(
             events.append((f"rotation phase {nxt}" if nxt != "idle" else "rotation done", fields))
 
     new_keyring = keyring
-    if (generations, sent, peers) != (keyring.generations, keyring.sent, keyring.peers):
-        new_keyring = kr.Keyring(keyring.serial + 1, sent, generations, peers)
+    if (generations, sent, peers, switch, outside) != (
+        keyring.generations,
+        keyring.sent,
+        keyring.peers,
+        keyring.encryption,
+        keyring.outside,
+    ):
+        new_keyring = kr.Keyring(keyring.serial + 1, sent, generations, peers, switch, outside)
     if next_state.phase != state.phase:
         next_state = dataclasses.replace(next_state, phase_serial=new_keyring.serial)
         waiting = tuple(sorted(live)) if next_state.phase != "idle" else ()
+    if switch.at is None and keyring.encryption.at is not None:  # announced by this keyring
+        next_state = dataclasses.replace(
+            next_state, cutover_serial=new_keyring.serial, cutover_announced=now
+        )
     changed = new_keyring is not keyring or next_state != original_state
     return Decision(new_keyring, next_state, changed, waiting, expired, absent, tuple(events))
+
+
+def cutover_pending(switch: kr.Encryption, now: float) -> bool:
+    """A switch announced, or scheduled for a moment still ahead: no rotation starts, and no
+    other switch."""
+    return switch.at is None or switch.at > now
+
+
+def cutover_waiting(state: MasterState, live: Mapping[str, AgentReport]) -> tuple[str, ...]:
+    """Live agents that have not yet applied the keyring announcing the switch."""
+    serial = state.cutover_serial or 0
+    return tuple(name for name, report in sorted(live.items()) if not applied(report, serial))
+
+
+def _cutover(
+    switch: kr.Encryption,
+    state: MasterState,
+    live: Mapping[str, AgentReport],
+    not_live: set[str],
+    enabled: bool | None,
+    now: float,
+    policy: Policy,
+) -> tuple[kr.Encryption, MasterState, tuple[str, ...], list[tuple[str, dict[str, Any]]]]:
+    """The switch's next step while no rotation runs: (switch, state, waiting, events).
+
+    Announced and wanted back: withdrawn at once, as no node has started or stopped
+    enforcing yet.
+    Announced and applied by every live agent: scheduled. Not pending and wanted otherwise:
+    announced. A scheduled switch runs to its moment whatever is wanted meanwhile.
+    """
+    target = {"enabled": enabled}
+    cleared = dataclasses.replace(state, cutover_serial=None, cutover_announced=None)
+    if switch.at is None:
+        if enabled is not None and enabled != switch.enabled:
+            return (
+                kr.Encryption(enabled, now),
+                cleared,
+                (),
+                [("encryption switch reverted", target)],
+            )
+        waiting = cutover_waiting(state, live)
+        if waiting:
+            return switch, state, waiting, []
+        took = now - (state.cutover_announced if state.cutover_announced is not None else now)
+        lead = max(policy.cutover_lead, 2 * took)
+        fields = {
+            "enabled": switch.enabled,
+            "at": round(now + lead, 3),
+            "lead": round(lead, 3),
+            "skipped": sorted(not_live),
+        }
+        scheduled = kr.Encryption(switch.enabled, now + lead)
+        return scheduled, cleared, (), [("encryption switch scheduled", fields)]
+    if enabled is not None and enabled != switch.enabled and not cutover_pending(switch, now):
+        announced = kr.Encryption(enabled, None)
+        return announced, state, tuple(sorted(live)), [("encryption switch announced", target)]
+    return switch, state, (), []
+
+
+def _changes(old: Iterable[kr.Peer], new: Iterable[kr.Peer]) -> dict[str, list[str]]:
+    """Names that joined, left, or kept their place with another IP."""
+    before = {p.name: p.ip for p in old}
+    after = {p.name: p.ip for p in new}
+    return {
+        "joined": sorted(set(after) - set(before)),
+        "left": sorted(set(before) - set(after)),
+        "moved": sorted(n for n in set(after) & set(before) if after[n] != before[n]),
+    }
 
 
 def _normalise(keyring: kr.Keyring) -> tuple[tuple[kr.Generation, ...], int]:
@@ -403,6 +552,10 @@ def _number(value: Any) -> bool:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _float_or_none(value: Any) -> float | None:

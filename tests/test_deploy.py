@@ -377,7 +377,19 @@ def test_every_config_key_is_consumed_and_every_reference_exists() -> None:
     data = the("ConfigMap", CONFIG)["data"]
     referenced = set()
     for workload in workloads():
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         for c in containers(workload):
+            # A key mounted as a file is consumed by the argument that names that file.
+            for mount in c.get("volumeMounts", []):
+                source = volumes[mount["name"]].get("configMap")
+                if source is None:
+                    continue
+                assert source["name"] == CONFIG and "items" in source, "mount only what is read"
+                assert mount["readOnly"] is True and "subPath" not in mount, mount
+                for item in source["items"]:
+                    assert item["key"] in data, item
+                    assert f"{mount['mountPath']}/{item['path']}" in c["args"], item
+                    referenced.add(item["key"])
             assert "envFrom" not in c, "name each setting explicitly"
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {}).get("configMapKeyRef")
@@ -385,14 +397,33 @@ def test_every_config_key_is_consumed_and_every_reference_exists() -> None:
                     assert ref["name"] == CONFIG and ref["key"] in data, ref
                     assert not ref.get("optional"), ref
                     referenced.add(ref["key"])
-                    # ...and an env var is consumed: by an argument, or by name.
+                    # ...and an env var is consumed by an argument.
                     args = " ".join(c.get("command", []) + c.get("args", []))
-                    assert f"$({var['name']})" in args or var["name"].startswith("OVERLAY_VICI_"), (
+                    assert f"$({var['name']})" in args, (
                         f"{c['name']}: {var['name']} is set but never used"
                     )
     assert referenced == set(data), f"unused settings: {sorted(set(data) - referenced)}"
     assert {"enabled", "rotation-interval", "ike-proposals", "esp-proposals",
             "ike-rekey-time", "child-rekey-time", "reauth-time"} <= set(data)  # fmt: skip
+
+
+def test_the_master_follows_the_switch_from_the_mounted_settings(tmp_path: Path) -> None:
+    """The master reads `enabled` as a file kubelet keeps current; the agents never see it
+    (they follow the keyring, which says when to switch)."""
+    from overlay_vici.master import SwitchFile
+
+    master = container(the("Deployment"), "master")
+    args = expand(master["args"], env_values(master))
+    path = args[args.index("--enabled-file") + 1]
+    mount = next(m for m in master["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    enabled = tmp_path / "enabled"
+    enabled.write_text(the("ConfigMap", CONFIG)["data"]["enabled"])
+    assert SwitchFile(enabled)() is True
+    enabled.write_text("false")
+    assert SwitchFile(enabled)() is False
+    for c in containers(the("DaemonSet")):
+        assert "enabled" not in json.dumps(c.get("env", [])), c["name"]
 
 
 def test_the_config_defaults_are_the_programs_defaults() -> None:

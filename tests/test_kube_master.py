@@ -169,6 +169,9 @@ def test_node_join_leave_ip_change_and_opt_out_follow_the_watch(harness: Harness
         change()
         until(f"peers {expected}", lambda e=expected: master.step() and peers(h) == e)
         assert h.keyring().serial == serial
+        # Opted out, n3 is outside the mesh: the one node IPIP may reach unencrypted.
+        outside = [] if "n3" in expected else [kr.Peer("n3", "10.0.0.3")]
+        assert list(h.keyring().outside) == outside
     generation = h.keyring().generations
     assert generation == kr.loads(kr.dumps(h.keyring())).generations  # keys untouched
 
@@ -237,26 +240,18 @@ def test_an_expired_agent_is_reported_and_skipped(harness: Harness) -> None:
 
 
 def status_json(h: Harness) -> dict[str, Any]:
+    """`overlay-vici status --json` against the harness's API server."""
+    return status_view(h.kube, "--agent-timeout", "30")
+
+
+def status_view(kube: FakeKube, *options: str) -> dict[str, Any]:
+    """`overlay-vici status --json` against the API, by the wall clock."""
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert (
-            main(
-                [
-                    "status",
-                    "--server",
-                    h.kube.url,
-                    "--namespace",
-                    NS,
-                    "--json",
-                    "--agent-timeout",
-                    "30",
-                ]
-            )
-            == 0
-        )
+        assert main(["status", "--server", kube.url, "--namespace", NS, "--json", *options]) == 0
     return json.loads(out.getvalue())
 
 
@@ -728,3 +723,106 @@ def test_the_master_command_serves_metrics_and_records_events(kube: FakeKube) ->
     assert view["overlay_vici_leader"] == 1 and view["overlay_vici_active_generation"] == 1
     assert view['overlay_vici_agents{state="live"}'] == 3
     assert view["overlay_vici_agents_waiting"] == 3
+
+
+def test_the_enabled_file_switches_every_node_through_the_api(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """`overlay-vici master --enabled-file` as in the Deployment: the settings ConfigMap's key
+    `enabled` mounted (kubelet's ..data layout, swapped on an edit), a process with its own
+    clock. Flipped to false: announced, scheduled once every agent has it, with Events."""
+    import subprocess
+    import sys
+
+    from overlay_vici.files import publish_secret
+
+    settings = tmp_path / "settings"
+    publish_secret(settings, {"enabled": "true"})
+    exe = Path(sys.executable).with_name("overlay-vici")
+    process = subprocess.Popen(
+        [str(exe), "master", "--server", kube.url, "--namespace", NS, "--identity", "m",
+         "--tick", "0.1", "--metrics-port", "0", "--cutover-lead", "0.5s",
+         "--enabled-file", str(settings / "enabled")],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    api = ApiServer(kube.url)
+
+    def keyring() -> kr.Keyring:
+        secret = kube.get("secrets", SECRET, NS)
+        assert secret is not None
+        return kr.loads(base64.b64decode(secret["data"]["keyring.json"]))
+
+    def acked(*_: object) -> kr.Keyring:
+        """Every agent reports the keyring now published."""
+        current = keyring()
+        for name in ("n1", "n2", "n3"):
+            LeaseReporter(api, NS, name).report(
+                {"node": name, "updated": time.time(), "keyring_serial": current.serial,
+                 "sent_generation": current.sent, "reauthenticated": True}
+            )  # fmt: skip
+        return current
+
+    try:
+        until("the Secret", lambda: kube.get("secrets", SECRET, NS), timeout=20)
+        assert acked().encryption == kr.Encryption(True, 0.0)
+        publish_secret(settings, {"enabled": "false"})  # kubectl patch, as kubelet applies it
+        announced = until("the announcement", lambda: keyring().encryption.at is None)
+        assert announced and keyring().encryption.enabled is False
+        view = until(
+            "the agents awaited in status",
+            lambda: (v := status_view(kube))["waiting"] == ["n1", "n2", "n3"] and v,
+        )
+        assert view["encryption"] == {
+            "enabled": False,
+            "mode": "on",
+            "at": None,
+            "pending": True,
+            "lagging": [],
+        }
+        scheduled = until(
+            "the moment", lambda: acked().encryption.at is not None and keyring(), timeout=20
+        )
+        assert scheduled.encryption.enabled is False
+        until("the switch off", lambda: status_view(kube)["encryption"]["mode"] == "off")
+        until("the Events", lambda: len(events(kube)) >= 2)
+        publish_secret(settings, {"enabled": "perhaps"})
+        time.sleep(0.5)  # a few ticks: logged once, nothing published
+        assert keyring() == scheduled
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    assert process.returncode == 0, err.decode()
+    reasons = [e["reason"] for e in events(kube)]
+    assert reasons == ["EncryptionSwitchAnnounced", "EncryptionSwitchScheduled"]
+    assert events(kube)[1]["message"].startswith("Every node switches encryption off at ")
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    logged = [line["event"] for line in lines]
+    assert "encryption switch announced" in logged and "encryption switch scheduled" in logged
+    rejected = [line for line in lines if line["level"] == "error"]
+    assert len(rejected) == 1, rejected
+    assert rejected[0]["error"] == (
+        f"{settings / 'enabled'} says 'perhaps'; write true or false into it"
+    )
+
+
+def test_the_switchs_events_name_the_moment_and_any_agents_skipped() -> None:
+    from overlay_vici.kube import k8s_event
+
+    scheduled = k8s_event(
+        "encryption switch scheduled",
+        {"enabled": True, "at": 1_700_000_000.25, "lead": 12.5, "skipped": ["n3"]},
+    )
+    assert scheduled == (
+        "Normal",
+        "EncryptionSwitchScheduled",
+        "Every node switches encryption on at 2023-11-14T22:13:20Z, 12.5 s from now, "
+        "without the agents of n3.",
+        None,
+    )
+    reverted = k8s_event("encryption switch reverted", {"enabled": True})
+    assert reverted is not None and reverted[1:] == (
+        "EncryptionSwitchReverted",
+        "The announced encryption switch was withdrawn before its moment was set: "
+        "encryption stays on.",
+        None,
+    )

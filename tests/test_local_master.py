@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from overlay_vici.rotation import NodeInfo, Policy
 
 EXE = Path(sys.executable).with_name("overlay-vici")
 POLICY = Policy(interval=3600, agent_timeout=30)
+QUICK = Policy(interval=3600, agent_timeout=30, cutover_lead=0.3)  # a switch within the test
 
 
 def nodes_file(path: Path, count: int = 3) -> Path:
@@ -216,3 +218,120 @@ def test_the_agent_side_never_imports_kubernetes() -> None:
         "sys.exit('kubernetes' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def keyring_of(state: Path) -> kr.Keyring:
+    return kr.loads((secret_dir(state) / "keyring.json").read_text())
+
+
+def status_view(state: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(["status", "--local", str(state), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_switch_file_drives_a_cutover_that_status_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    master = Master(LocalStore(state, nodes_file(tmp_path / "nodes.json")), QUICK)
+    master.step()
+    ack(state, "n1", "n2", "n3")
+    assert main(["encryption", "off", "--local", str(state)]) == 0
+    assert (state / "_master" / "enabled").read_text() == "false\n"
+    master.step()
+    assert keyring_of(state).encryption == kr.Encryption(False, None)
+    view = status_view(state, capsys)
+    assert view["encryption"] == {
+        "enabled": False,
+        "mode": "on",
+        "at": None,
+        "pending": True,
+        "lagging": [],
+    }
+    assert view["waiting"] == ["n1", "n2", "n3"] and view["rotating"] is False
+    assert main(["status", "--local", str(state)]) == 0
+    assert "encryption on, switch to off announced, waiting for n1, n2, n3\n" in (
+        capsys.readouterr().out
+    )
+    ack(state, "n1", "n2", "n3")
+    master.step()
+    at = keyring_of(state).encryption.at
+    assert at is not None and at > time.time()
+    view = status_view(state, capsys)
+    assert view["encryption"] == {
+        "enabled": False,
+        "mode": "on",
+        "at": at,
+        "pending": True,
+        "lagging": [],
+    }
+    assert main(["status", "--local", str(state)]) == 0
+    assert "encryption on, switching off at " in capsys.readouterr().out
+    time.sleep(max(0.0, at - time.time()) + 0.05)
+    ack(state, "n1", "n2", encryption="off")
+    ack(state, "n3", encryption="on")  # its agent has not acted on the moment yet
+    view = status_view(state, capsys)
+    assert view["encryption"] == {
+        "enabled": False,
+        "mode": "off",
+        "at": at,
+        "pending": False,
+        "lagging": ["n3"],
+    }
+    assert [n["encryption"] for n in view["nodes"]] == ["off", "off", "on"]
+    # A rotation asked for while off waits for encryption to be on again.
+    assert main(["rotate", "--local", str(state)]) == 0
+    master.step()
+    assert phase(state) == "idle"
+    assert main(["status", "--local", str(state)]) == 0
+    text = capsys.readouterr().out
+    assert "encryption off; agents not yet off: n3\n" in text
+    assert "rotations wait until encryption is on" in text
+
+
+def test_a_master_started_after_encryption_off_creates_the_mesh_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    assert main(["encryption", "off", "--local", str(state)]) == 0
+    assert "follow the cutover with `overlay-vici status`" in capsys.readouterr().out
+    Master(LocalStore(state, nodes_file(tmp_path / "nodes.json")), QUICK).step()
+    assert keyring_of(state).encryption == kr.Encryption(False, 0.0)
+
+
+def test_a_garbled_switch_file_keeps_the_switch_and_is_logged_once(
+    local: tuple[Path, Path, Master], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlay_vici import log
+
+    log.setup("info")
+    state, _, master = local
+    master.step()
+    (state / "_master" / "enabled").write_text("maybe\n")
+    master.step()
+    master.step()
+    assert keyring_of(state).serial == 1
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    errors = [line for line in lines if line["level"] == "error"]
+    assert [e["event"] for e in errors] == ["encryption switch unreadable, keeping the current one"]
+    assert errors[0]["error"] == (
+        f"{state / '_master' / 'enabled'} says 'maybe'; write true or false into it"
+    )
+    (state / "_master" / "enabled").write_text("FALSE")
+    master.step()
+    assert keyring_of(state).encryption == kr.Encryption(False, None)
+
+
+def test_the_encryption_command_without_local_names_the_configmap_patch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["encryption", "on"]) == 2
+    assert capsys.readouterr().err == (
+        "overlay-vici: in Kubernetes the master follows the settings ConfigMap, so switch it "
+        "there: kubectl -n overlay-vici patch configmap overlay-vici-config --type merge "
+        """-p '{"data":{"enabled":"true"}}'\n"""
+    )
+    assert main(["encryption", "off", "--local", str(tmp_path / "nowhere")]) == 2
+    assert "no local master state at" in capsys.readouterr().err

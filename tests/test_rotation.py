@@ -95,7 +95,8 @@ def test_opted_out_unaddressed_ipv6_and_duplicate_ip_nodes_are_left_out(start: D
         NodeInfo("x2", "10.0.0.7"),  # neither holds it: neither gets it
     ]
     result = step(start, {}, 1, nodes=nodes)
-    assert not result.changed, [p.name for p in result.keyring.peers]
+    assert result.keyring.peers == start.keyring.peers
+    assert result.keyring.outside == (kr.Peer("out", "10.0.0.9"),)
 
 
 def test_unknown_node_list_keeps_the_peers(start: Decision) -> None:
@@ -283,3 +284,166 @@ def test_agent_reports_parse_tolerantly() -> None:
     assert AgentReport.from_status({"updated": 1}) is None
     odd = AgentReport.from_status({"node": "n1", "updated": 1, "keyring_serial": "3"})
     assert odd is not None and odd.keyring_serial is None
+
+
+# --- the outside list and the encryption switch ---------------------------------------------
+
+
+def test_the_outside_list_holds_opted_out_nodes_with_an_ipv4_address_no_peer_holds(
+    start: Decision,
+) -> None:
+    nodes = [
+        *NODES,
+        NodeInfo("out-b", "10.0.0.9", opted_out=True),
+        NodeInfo("out-a", None, opted_out=True),
+        NodeInfo("out-c", "fd00::1", opted_out=True),
+        NodeInfo("out-d", "10.0.0.1", opted_out=True),  # n1's IP: the guard must drop it
+        NodeInfo("out-f", "10.0.0.8", opted_out=True),
+        NodeInfo("out-e", "10.0.0.8", opted_out=True),  # one IP twice: the first by name
+        NodeInfo("Out-G", "10.0.0.7", opted_out=True),  # not a node name
+    ]
+    result = step(start, {}, 1, nodes=nodes)
+    assert result.keyring.outside == (kr.Peer("out-b", "10.0.0.9"), kr.Peer("out-e", "10.0.0.8"))
+    assert result.keyring.serial == 2 and result.keyring.peers == start.keyring.peers
+    assert dict(result.events)["outside list changed"] == {
+        "joined": ["out-b", "out-e"],
+        "left": [],
+        "moved": [],
+    }
+    assert kr.loads(kr.dumps(result.keyring)) == result.keyring
+    # n4 opts out: it leaves the peers for the outside list, in one keyring.
+    moved = [*NODES[:3], NodeInfo("n4", "10.0.0.4", opted_out=True)]
+    again = step(result, {}, 2, nodes=moved)
+    assert [p.name for p in again.keyring.peers] == ["n1", "n2", "n3"]
+    assert again.keyring.outside == (kr.Peer("n4", "10.0.0.4"),)
+    assert again.keyring.serial == 3
+
+
+def test_the_first_keyring_takes_the_desired_switch_at_once() -> None:
+    off = decide(None, None, NODES, {}, 5.0, POLICY, enabled=False)
+    assert off.keyring.encryption == kr.Encryption(False, 0.0)
+    assert off.keyring.encryption.mode(5.0) == "off"
+    assert dict(off.events)["keyring created"]["encryption"] == "off"
+    on = decide(None, None, NODES, {}, 5.0, POLICY)
+    assert on.keyring.encryption == kr.Encryption(True, 0.0)
+    assert step(on, ack(on, now=6), 6, enabled=True).changed is False
+
+
+def announce(start: Decision, enabled: bool = False, t: float = 10.0) -> Decision:
+    announced = step(start, ack(start, now=t), t, enabled=enabled)
+    assert announced.keyring.encryption == kr.Encryption(enabled, None)
+    return announced
+
+
+def test_a_switch_is_announced_then_scheduled_once_every_live_agent_has_it(
+    start: Decision,
+) -> None:
+    announced = announce(start)
+    assert announced.keyring.serial == 2 and announced.keyring.encryption.mode(10) == "on"
+    assert (announced.state.cutover_serial, announced.state.cutover_announced) == (2, 10.0)
+    assert dict(announced.events)["encryption switch announced"] == {"enabled": False}
+    assert announced.waiting == ("n1", "n2", "n3", "n4")
+    # n4 is live but still on the keyring before the announcement.
+    reports = ack(announced, ["n1", "n2", "n3"], now=11)
+    reports["n4"] = AgentReport("n4", 11, keyring_serial=1)
+    held = step(announced, reports, 11, enabled=False)
+    assert not held.changed and held.waiting == ("n4",)
+    scheduled = step(announced, ack(announced, now=13), 13, enabled=False)
+    assert scheduled.keyring.encryption == kr.Encryption(False, 23.0)  # the least lead, 10 s
+    assert scheduled.keyring.serial == 3 and scheduled.waiting == ()
+    assert scheduled.state.cutover_serial is None and scheduled.state.cutover_announced is None
+    assert dict(scheduled.events)["encryption switch scheduled"] == {
+        "enabled": False,
+        "at": 23.0,
+        "lead": 10.0,
+        "skipped": [],
+    }
+    # Still encrypting until the moment; nothing more to publish.
+    assert scheduled.keyring.encryption.mode(22.9) == "on"
+    assert scheduled.keyring.encryption.mode(23.0) == "off"
+    assert not step(scheduled, ack(scheduled, now=30), 30, enabled=False).changed
+
+
+def test_the_lead_is_twice_the_time_the_acknowledgements_took(start: Decision) -> None:
+    announced = announce(start, t=10.0)
+    scheduled = step(announced, ack(announced, now=25), 25, enabled=False)
+    assert scheduled.keyring.encryption == kr.Encryption(False, 25.0 + 30.0)
+    assert dict(scheduled.events)["encryption switch scheduled"]["lead"] == 30.0
+
+
+def test_a_cutover_skips_expired_and_absent_agents(start: Decision) -> None:
+    announced = announce(start)
+    reports = ack(announced, ["n1", "n2"], now=50)
+    reports["n3"] = AgentReport("n3", 50 - 31, keyring_serial=1)  # expired, behind
+    scheduled = step(announced, reports, 50, enabled=False)
+    assert scheduled.expired == ("n3",) and scheduled.absent == ("n4",)
+    assert scheduled.keyring.encryption.at == 50.0 + 80.0
+    assert dict(scheduled.events)["encryption switch scheduled"]["skipped"] == ["n3", "n4"]
+
+
+def test_a_change_of_mind_while_only_announced_reverts_at_once(start: Decision) -> None:
+    announced = announce(start)
+    reverted = step(announced, ack(start, now=12), 12, enabled=True)
+    assert reverted.keyring.encryption == kr.Encryption(True, 12.0)
+    assert reverted.keyring.encryption.mode(12.0) == "on"
+    assert dict(reverted.events)["encryption switch reverted"] == {"enabled": True}
+    assert reverted.state.cutover_serial is None and reverted.keyring.serial == 3
+    # The wish unknown (no file): the announcement stands.
+    assert step(announced, ack(start, now=12), 12).keyring.encryption.at is None
+
+
+def test_a_scheduled_switch_runs_to_its_moment_and_a_later_flip_starts_anew(
+    start: Decision,
+) -> None:
+    announced = announce(start)
+    scheduled = step(announced, ack(announced, now=13), 13, enabled=False)
+    assert not step(scheduled, ack(scheduled, now=20), 20, enabled=True).changed
+    again = step(scheduled, ack(scheduled, now=23), 23, enabled=True)
+    assert again.keyring.encryption == kr.Encryption(True, None)
+    assert again.keyring.encryption.mode(23) == "prepare"
+    assert again.state.cutover_serial == again.keyring.serial
+
+
+def test_no_rotation_starts_during_a_cutover_or_while_off(start: Decision) -> None:
+    announced = announce(start, t=3598)  # the interval is due at 3600, and r1 asks
+    held = step(announced, ack(announced, now=3600), 3600, request="r1", enabled=False)
+    assert held.state.phase == "idle" and held.keyring.encryption.at == 3610.0
+    assert step(held, ack(held, now=3605), 3605, request="r1").state.phase == "idle"
+    off = step(held, ack(held, now=3610), 3610, request="r1")
+    assert off.state.phase == "idle" and not off.changed  # off: nothing to rotate
+    on = step(off, ack(off, now=3611), 3611, request="r1", enabled=True)
+    assert on.keyring.encryption.at is None and on.state.phase == "idle"
+    scheduled = step(on, ack(on, now=3612), 3612, request="r1", enabled=True)
+    assert scheduled.keyring.encryption.at == 3622.0 and scheduled.state.phase == "idle"
+    due = step(scheduled, ack(scheduled, now=3622), 3622, request="r1", enabled=True)
+    assert (
+        due.state.phase == "stage" and dict(due.events)["rotation started"]["reason"] == "requested"
+    )
+
+
+def test_no_cutover_starts_during_a_rotation(start: Decision) -> None:
+    stage = rotate(start)[0]
+    t = 200.0
+    decision = stage
+    while decision.state.phase != "idle":
+        decision = step(decision, ack(decision, now=t), t, enabled=False)
+        assert decision.keyring.encryption == kr.Encryption(True, 0.0), decision.state.phase
+        t += 1
+    announced = step(decision, ack(decision, now=t), t, enabled=False)
+    assert announced.keyring.encryption == kr.Encryption(False, None)
+
+
+def test_a_restarted_master_resumes_an_announced_switch(start: Decision) -> None:
+    announced = announce(start)
+    state = loads_state(dumps_state(announced.state))
+    assert state == announced.state
+    keyring = kr.loads(kr.dumps(announced.keyring))
+    resumed = decide(keyring, state, NODES, ack(announced, now=12), 12, POLICY, enabled=False)
+    assert resumed.keyring.encryption == kr.Encryption(False, 22.0)
+    # Lost master state: a retire to finish, then the announcement waits for the keyring
+    # as it is, and the moment gets the least lead.
+    lost = decide(keyring, None, NODES, ack(announced, now=12), 12, POLICY, enabled=False)
+    assert lost.state.phase == "idle" and lost.state.cutover_serial == 2
+    assert lost.keyring.encryption.at is None
+    found = decide(keyring, lost.state, NODES, ack(announced, now=13), 13, POLICY)
+    assert found.keyring.encryption == kr.Encryption(False, 23.0)
