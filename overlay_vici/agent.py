@@ -425,8 +425,12 @@ class Agent:
         guard = self.config.guard
         if guard is None:
             return None
-        peers = None if guard.peers is None else len(guard.peers)
-        return {"backend": guard.backend, "peers": peers}
+        outside = guard.outside
+        return {
+            "backend": guard.backend,
+            "installed": outside is not None,
+            "outside": None if outside is None else [str(peer.ip) for peer in outside],
+        }
 
     def _write_status(self) -> None:
         if self.config.status_path:

@@ -613,7 +613,7 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
     assert status["last_error"] is None, status["last_error"]
     assert status["charon_connected"] is True and status["keyring_serial"] == 1
     if status.get("guard") is not None:
-        assert status["guard"]["peers"] == 2, status["guard"]
+        assert status["guard"]["installed"] and status["guard"]["outside"] == [], status["guard"]
         assert backend in ("auto", status["guard"]["backend"])
 
 
