@@ -230,6 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
         "non-tunnel interfaces carrying the default route or a network route)",
     )
 
+    guard = commands.add_parser(
+        "guard",
+        help="show or remove this node's guard (netfilter rules that drop unencrypted IPIP)",
+        description="While encryption is on, the agent keeps a guard on its node: iptables "
+        "rules (raw OUTPUT, mangle INPUT) that drop every IPIP packet IPsec does not protect, "
+        "both ways, except to and from the nodes outside the mesh. It outlives the agent; only "
+        "the disable removes it. Run this as root in the node's network namespace: on the "
+        "node, or in a hostNetwork pod with NET_ADMIN such as the agent's container.",
+    )
+    guard_actions = guard.add_subparsers(dest="action", required=True, metavar="ACTION")
+    guard_show = guard_actions.add_parser(
+        "show",
+        help="print the backend and the nodes whose IPIP may stay plaintext",
+        description="Print the iptables backend and the guard's allow-list (the nodes outside "
+        "the mesh). Exit 0 if the guard is whole, 1 if it is not installed or only in part.",
+    )
+    guard_remove = guard_actions.add_parser(
+        "remove",
+        help="delete the guard's rules and chains (IPIP may then leave unencrypted)",
+        description="Delete the guard's jumps and chains from both tables, nothing else. "
+        "Needed where the agents were deleted without the disable: the guard stays and keeps "
+        "blocking the node's pod traffic to other nodes. An agent still running with "
+        "encryption on puts the guard back within its --resync.",
+    )
+    for action in (guard_show, guard_remove):
+        action.add_argument(
+            "--iptables-backend",
+            choices=["legacy", "nft"],
+            default=None,
+            help="the backend holding the guard: the agent's --iptables-backend, if it has "
+            "one (default: $FELIX_IPTABLESBACKEND, else the one holding the host's rules)",
+        )
+
     master = commands.add_parser(
         "master",
         help="run the master: keep the keyring Secret and rotate its keys",
@@ -348,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (SettingsError, KeyringError, LookupError, ValueError, _edge_errors()) as exc:
+    except (SettingsError, KeyringError, LookupError, ValueError, *_edge_errors()) as exc:
         print(f"overlay-vici: {exc}", file=sys.stderr)
         return 2
 
@@ -358,6 +391,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _mtu(args)
     if args.command == "render":
         return _render(args)
+    if args.command == "guard":
+        return _guard(args)
     if args.command == "master":
         return _master(args)
     if args.command == "rotate":
@@ -396,6 +431,36 @@ def _render(args: argparse.Namespace) -> int:
 
     keyring = read_keyring(args.keys)
     print(swanctl_conf(keyring, args.node, _settings(args), args.templates), end="")
+    return 0
+
+
+def _guard(args: argparse.Namespace) -> int:
+    from overlay_vici.netfilter import Guard
+
+    log.setup("error")  # the printed lines say what happened
+    guard = Guard("", args.iptables_backend)
+    if args.action == "remove":
+        removed = guard.remove()
+        print(f"{'guard removed' if removed else 'no guard installed'} (iptables-{guard.backend})")
+        return 0
+    outside, present = guard.installed()
+    where = f"iptables-{guard.backend}"
+    if outside is None:
+        print(
+            f"guard partly installed ({where}): the agent's next pass completes it, "
+            "`overlay-vici guard remove` takes it away"
+            if present
+            else f"guard not installed ({where})"
+        )
+        return 1
+    scope = (
+        "except to and from the nodes outside the mesh:"
+        if outside
+        else "no node is outside the mesh"
+    )
+    print(f"guard installed ({where}): unprotected IPIP is dropped both ways; {scope}")
+    for peer in outside:
+        print(f"  {peer.ip}  {peer.name}")
     return 0
 
 
@@ -445,14 +510,12 @@ def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ig
     return agent_metrics.observe
 
 
-def _edge_errors() -> type[Exception]:
+def _edge_errors() -> tuple[type[Exception], ...]:
     """The edges' one-sentence errors, without importing `kubernetes` for other commands."""
-
-    class _Never(Exception):
-        pass
+    from overlay_vici.netfilter import GuardError
 
     kube = sys.modules.get("overlay_vici.kube")
-    return kube.KubeError if kube else _Never
+    return (GuardError, kube.KubeError) if kube else (GuardError,)
 
 
 def _api_call(call, *args):  # type: ignore[no-untyped-def]

@@ -1,7 +1,13 @@
-"""Plan the fail-closed guard: netfilter rules that drop IPIP between mesh nodes unless IPsec
-protects it, so that a charon that stops (and removes its policies) cannot let plaintext out.
+"""Plan the fail-closed guard: netfilter rules that drop every IPIP packet IPsec does not
+protect, so that neither a charon that stops (and removes its policies) nor a route that
+Calico moves before the keyring follows can let plaintext out.
 
-Pure: from the peers and what `iptables-save` shows, the exact `iptables-restore --noflush`
+Catch-all, not per peer: a per-peer rule knows only the addresses in the keyring, and Calico
+may route IPIP to a node's new address before the keyring names it (151 plaintext packets
+measured, docs/faults.md). So the only addresses IPIP may reach unprotected are those of the
+nodes outside the mesh (opted out), which the keyring lists; each has a RETURN before the DROP.
+
+Pure: from those nodes and what `iptables-save` shows, the exact `iptables-restore --noflush`
 input. The edge that runs it is overlay_vici/netfilter.py.
 
 Where the rules sit (verified in the UML guest with real charon and SAs, see docs/faults.md):
@@ -40,6 +46,8 @@ OUT = Hook("raw", "OUTPUT", "OVERLAY-VICI-GUARD-OUT", "out", "-d")
 IN = Hook("mangle", "INPUT", "OVERLAY-VICI-GUARD-IN", "in", "-s")
 HOOKS = (OUT, IN)
 COMMENT_PREFIX = "overlay-vici guard"
+OUTSIDE_COMMENT = f"{COMMENT_PREFIX}: outside the mesh: "
+DROP_COMMENT = f"{COMMENT_PREFIX}: IPIP that IPsec does not protect"
 
 
 @dataclass(frozen=True, order=True)
@@ -48,28 +56,31 @@ class GuardPeer:
     name: str
 
 
-def guard_peers(peers: Iterable[tuple[str, str]], own_name: str) -> tuple[GuardPeer, ...]:
-    """The IPv4 peers to guard, sorted, without this node. Calico's IPIP is IPv4 in IPv4,
-    so an IPv6 node address carries no IPIP and needs no rule."""
+def outside_peers(nodes: Iterable[tuple[str, str]]) -> tuple[GuardPeer, ...]:
+    """The nodes outside the mesh whose IPIP stays plaintext, sorted by address. Calico's
+    IPIP is IPv4 in IPv4, so an IPv6 node address carries no IPIP and needs no rule."""
     result = set()
-    for name, ip in peers:
+    for name, ip in nodes:
         address = ip_address(ip)
-        if name != own_name and isinstance(address, IPv4Address):
+        if isinstance(address, IPv4Address):
             result.add(GuardPeer(address, name))
     return tuple(sorted(result))
 
 
-def chain_rules(hook: Hook, peers: Iterable[GuardPeer]) -> list[str]:
-    """The chain's rules. IPsec-protected IPIP returns at once (the common case costs one
-    rule, not one per peer); each per-peer rule still checks the policy by itself."""
+def chain_rules(hook: Hook, outside: Iterable[GuardPeer]) -> list[str]:
+    """The chain's rules: IPsec-protected IPIP returns at once (the common case costs one
+    rule), then each node outside the mesh returns, then everything else is dropped."""
     rules = [f"-A {hook.chain} -m policy --dir {hook.direction} --pol ipsec -j RETURN"]
-    for peer in peers:
+    for peer in outside:
         # Node names are DNS-1123 names: nothing in them needs escaping inside the quotes.
-        comment = f'"{COMMENT_PREFIX}: {peer.name}"'
         rules.append(
-            f"-A {hook.chain} {hook.peer_option} {peer.ip}/32 -p {IPIP} "
-            f"-m policy --dir {hook.direction} --pol none -m comment --comment {comment} -j DROP"
+            f"-A {hook.chain} {hook.peer_option} {peer.ip}/32 "
+            f'-m comment --comment "{OUTSIDE_COMMENT}{peer.name}" -j RETURN'
         )
+    rules.append(
+        f"-A {hook.chain} -p {IPIP} -m policy --dir {hook.direction} --pol none "
+        f'-m comment --comment "{DROP_COMMENT}" -j DROP'
+    )
     return rules
 
 
@@ -87,43 +98,55 @@ def _chain_exists(saved: str, hook: Hook) -> bool:
     return re.search(rf"^:{re.escape(hook.chain)} ", saved, re.M) is not None
 
 
-def installed_peers(saved: dict[str, str]) -> set[IPv4Address] | None:
-    """The peers the installed guard drops for, if it is whole in both tables (chains, jumps,
-    the same peers in both directions); None if any part is missing."""
-    found: list[set[IPv4Address]] = []
+def installed_outside(saved: dict[str, str]) -> tuple[GuardPeer, ...] | None:
+    """The allow-list of the installed guard (nodes outside the mesh, sorted), if the guard is
+    whole in both tables: chains, jumps, the IPsec RETURN first, the catch-all DROP last, only
+    allow rules between, and the same allow-list both ways; None if any part is missing."""
+    found: list[tuple[GuardPeer, ...]] = []
     for hook in HOOKS:
         text = saved.get(hook.table, "")
         if not _chain_exists(text, hook) or _jumps(text, hook) == 0:
             return None
         lines = re.findall(rf"^-A {re.escape(hook.chain)} (.*)$", text, re.M)
-        if not lines or "--pol ipsec -j RETURN" not in lines[0]:
+        # iptables-save names protocol 4 "ipencap" where /etc/protocols has it.
+        catch_all = (
+            rf"-p (?:{IPIP}|ipencap) -m policy --dir {hook.direction} --pol none "
+            rf'-m comment --comment "{re.escape(DROP_COMMENT)}" -j DROP'
+        )
+        if (
+            len(lines) < 2
+            or lines[0] != f"-m policy --dir {hook.direction} --pol ipsec -j RETURN"
+            or re.fullmatch(catch_all, lines[-1]) is None
+        ):
             return None
-        option = re.escape(hook.peer_option)
-        addresses = set()
-        for line in lines[1:]:
-            match = re.match(rf"{option} (\d+\.\d+\.\d+\.\d+)/32 .*--pol none .*-j DROP$", line)
+        allowed = []
+        for line in lines[1:-1]:
+            match = re.fullmatch(
+                rf"{re.escape(hook.peer_option)} (\d+\.\d+\.\d+\.\d+)/32 -m comment "
+                rf'--comment "{re.escape(OUTSIDE_COMMENT)}([^"\s]+)" -j RETURN',
+                line,
+            )
             if match is None:
                 return None
-            addresses.add(IPv4Address(match[1]))
-        if len(addresses) != len(lines) - 1:
-            return None
-        found.append(addresses)
+            allowed.append(GuardPeer(IPv4Address(match[1]), match[2]))
+        found.append(tuple(sorted(allowed)))
     return found[0] if all(f == found[0] for f in found) else None
 
 
-def install_script(peers: Iterable[GuardPeer], saved: dict[str, str]) -> str:
-    """iptables-restore --noflush input that makes the guard exactly `peers`.
+def install_script(outside: Iterable[GuardPeer], saved: dict[str, str]) -> str:
+    """iptables-restore --noflush input that makes the guard drop all unprotected IPIP but
+    that of the nodes `outside` the mesh.
 
     Declaring a user chain under --noflush flushes it, and each table's COMMIT replaces the
     table in one step: the chain never exists half-filled. The jump is added only where
     missing (a restore cannot test for a rule), so running this twice changes nothing.
     """
-    peers = tuple(peers)
+    outside = tuple(outside)
     out = []
     for hook in HOOKS:
         out.append(f"*{hook.table}")
         out.append(f":{hook.chain} - [0:0]")
-        out.extend(chain_rules(hook, peers))
+        out.extend(chain_rules(hook, outside))
         if _jumps(saved.get(hook.table, ""), hook) == 0:
             out.append(jump_rule(hook))
         out.append("COMMIT")
@@ -132,7 +155,8 @@ def install_script(peers: Iterable[GuardPeer], saved: dict[str, str]) -> str:
 
 def removal_script(saved: dict[str, str]) -> str | None:
     """iptables-restore --noflush input that removes every jump to the guard and its chains;
-    None if nothing of it is installed. Only the coordinated disable runs this."""
+    None if nothing of it is installed. Only the disable (the switch, or an operator's
+    `overlay-vici guard remove`) runs this: with encryption on, removing it fails open."""
     out = []
     for hook in HOOKS:
         text = saved.get(hook.table, "")

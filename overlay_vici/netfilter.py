@@ -1,7 +1,8 @@
 """The guard's edge: run iptables-save / iptables-restore for the backend the host uses.
 
 The rules themselves are planned in overlay_vici/guard_plan.py. The guard is kernel state: it
-outlives the agent and charon, and only `remove_guard` (the coordinated disable) takes it away.
+outlives the agent and charon, and only the disable (the switch, `remove_guard`, or an
+operator's `overlay-vici guard remove`) takes it away.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from overlay_vici.guard_plan import (
     HOOKS,
     GuardPeer,
     choose_backend,
-    guard_peers,
     install_script,
-    installed_peers,
+    installed_outside,
+    outside_peers,
     removal_script,
 )
 
@@ -59,47 +60,56 @@ def detect_backend(setting: str | None = None, run: Runner = _run) -> str:
 
 
 class Guard:
-    """Keeps the guard chains equal to the mesh's peers; cheap when nothing changed."""
+    """Keeps the guard dropping all unprotected IPIP but that of the nodes outside the mesh;
+    cheap when nothing changed."""
 
     def __init__(self, node: str, backend: str | None = None, run: Runner = _run) -> None:
         self.node = node
         self._setting = backend
         self._run = run
         self.backend: str | None = None
-        self.peers: tuple[GuardPeer, ...] | None = None  # what is installed, once known
+        # The installed allow-list (nodes outside the mesh), once known.
+        self.outside: tuple[GuardPeer, ...] | None = None
         self._verified = -VERIFY_EVERY
 
-    def ensure(self, peers: Iterable[tuple[str, str]]) -> bool:
-        """Make the guard drop unprotected IPIP to and from exactly these (name, IP) peers.
+    def ensure(self, outside: Iterable[tuple[str, str]]) -> bool:
+        """Make the guard drop all unprotected IPIP except to and from these (name, IP) nodes
+        outside the mesh (often none).
 
         Returns whether iptables was written. Re-reads the tables every VERIFY_EVERY seconds
-        (or when the peers change) and rewrites them only if they differ.
+        (or when the list changes) and rewrites them only if they differ.
         """
-        wanted = guard_peers(peers, self.node)
+        wanted = outside_peers(outside)
         now = time.monotonic()
-        if wanted == self.peers and now - self._verified < VERIFY_EVERY:
+        if wanted == self.outside and now - self._verified < VERIFY_EVERY:
             return False
         saved = self._save()
-        written = installed_peers(saved) != {peer.ip for peer in wanted}
+        written = installed_outside(saved) != wanted
         if written:
             self._restore(install_script(wanted, saved))
             log.info(
                 "guard installed",
                 node=self.node,
                 backend=self.backend,
-                peers=len(wanted),
-                was=None if self.peers is None else len(self.peers),
+                outside=len(wanted),
+                was=None if self.outside is None else len(self.outside),
             )
-        self.peers, self._verified = wanted, now
+        self.outside, self._verified = wanted, now
         return written
 
+    def installed(self) -> tuple[tuple[GuardPeer, ...] | None, bool]:
+        """What the kernel holds now: the allow-list if the guard is whole (else None), and
+        whether any part of it is there (a partial guard may still drop IPIP)."""
+        saved = self._save()
+        return installed_outside(saved), removal_script(saved) is not None
+
     def remove(self) -> bool:
-        """Remove the guard (the coordinated disable only); returns whether anything was there."""
+        """Remove the guard (the disable only); returns whether anything was there."""
         script = removal_script(self._save())
         if script is not None:
             self._restore(script)
             log.warning("guard removed", node=self.node, backend=self.backend)
-        self.peers = None
+        self.outside = None
         return script is not None
 
     def _tools(self) -> tuple[str, str]:
@@ -139,18 +149,10 @@ class Guard:
 
 
 def remove_guard(node: str = "", backend: str | None = None) -> bool:
-    """For the coordinated disable: take the guard away once no node encrypts any more."""
+    """For the disable: take the guard away once no node encrypts any more."""
     return Guard(node, backend).remove()
 
 
 def _first_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else "no message"
-
-
-if __name__ == "__main__":  # `python -m overlay_vici.netfilter remove`: the disable, by hand
-    import sys
-
-    if sys.argv[1:] != ["remove"]:
-        sys.exit("usage: python -m overlay_vici.netfilter remove")
-    print("guard removed" if remove_guard() else "no guard installed")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from keyring_fixtures import build_keyring
 
+from overlay_vici import netfilter
 from overlay_vici.cli import main
 from overlay_vici.files import KEYRING_FILE, publish_secret, read_keyring
+from overlay_vici.guard_plan import install_script, outside_peers
 from overlay_vici.keyring import dumps
 from overlay_vici.render import Settings, strongswan_conf, swanctl_conf
 
@@ -198,3 +204,67 @@ def test_render_swanctl_keyring_problems_exit_2(
     code, out, err = cli(capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys))
     assert (code, out) == (2, "")
     assert err.startswith(message.format(keys=keys)) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["guard"], ["guard", "show"], ["guard", "remove"]])
+def test_help_of_the_guard_commands(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    code, out, err = cli(capsys, *args, "--help")
+    assert code == 0 and err == ""
+    assert out.startswith(f"usage: overlay-vici {' '.join(args)}")
+
+
+def test_guard_without_iptables_exits_2_with_one_sentence(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(netfilter.shutil, "which", lambda _: None)
+    code, out, err = cli(capsys, "guard", "show", "--iptables-backend", "nft")
+    assert (code, out) == (2, "")
+    assert err.startswith("overlay-vici: iptables-nft-save/-restore not found; install iptables")
+    assert err.count("\n") == 1
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if not (os.geteuid() == 0 and shutil.which("ip") and shutil.which("iptables-legacy-save")):
+        pytest.skip("needs root, iproute2 and iptables (a private network namespace)")
+    name = f"ovv-cli-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_guard_show_and_remove_in_a_node_namespace(netns: str, backend: str) -> None:
+    """What an operator sees on a node: absent, whole (with the allow-list), partial, and
+    removed; show's exit code says whether the guard is whole."""
+
+    def guard(action: str) -> tuple[int, str]:
+        cmd = [str(EXE), "guard", action, "--iptables-backend", backend]
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
+        )
+        assert done.stderr == ""
+        return done.returncode, done.stdout
+
+    def iptables(tool: str, *args: str, stdin: str | None = None) -> None:
+        cmd = ["ip", "netns", "exec", netns, f"iptables-{backend}{tool}", *args]
+        subprocess.run(cmd, input=stdin, text=True, check=True, timeout=30)
+
+    assert guard("show") == (1, f"guard not installed (iptables-{backend})\n")
+    outside = outside_peers([("n6", "10.99.0.6"), ("n5", "10.99.0.5")])
+    iptables("-restore", "--noflush", stdin=install_script(outside, {}))
+    assert guard("show") == (
+        0,
+        f"guard installed (iptables-{backend}): unprotected IPIP is dropped both ways; "
+        "except to and from the nodes outside the mesh:\n"
+        "  10.99.0.5  n5\n"
+        "  10.99.0.6  n6\n",
+    )
+    iptables("", "-t", "raw", "-D", "OUTPUT", "-p", "4", "-j", "OVERLAY-VICI-GUARD-OUT")
+    code, out = guard("show")
+    assert code == 1 and out.startswith(f"guard partly installed (iptables-{backend}): ")
+    assert guard("remove") == (0, f"guard removed (iptables-{backend})\n")
+    assert guard("remove") == (0, f"no guard installed (iptables-{backend})\n")
+    assert guard("show")[0] == 1

@@ -11,17 +11,17 @@ from overlay_vici.guard_plan import (
     OUT,
     GuardPeer,
     choose_backend,
-    guard_peers,
     install_script,
-    installed_peers,
+    installed_outside,
+    outside_peers,
     removal_script,
 )
 
-PEERS = [("n1", "10.99.0.1"), ("n2", "10.99.0.2"), ("n3", "10.99.0.3")]
+OUTSIDE = [("n5", "10.99.0.5"), ("n6", "10.99.0.6")]
 
 
-def saved_as_iptables_prints(peers: list[tuple[str, str]], jumps: int = 1) -> dict[str, str]:
-    """What iptables-save (1.8.9, legacy or nft) prints for an installed guard."""
+def saved_as_iptables_prints(outside: list[tuple[str, str]], jumps: int = 1) -> dict[str, str]:
+    """What iptables-save (1.8.9, legacy and nft alike) prints for an installed guard."""
     raw = [
         "*raw",
         ":PREROUTING ACCEPT [0:0]",
@@ -31,10 +31,12 @@ def saved_as_iptables_prints(peers: list[tuple[str, str]], jumps: int = 1) -> di
         *["-A OUTPUT -p ipencap -j OVERLAY-VICI-GUARD-OUT"] * jumps,
         "-A OVERLAY-VICI-GUARD-OUT -m policy --dir out --pol ipsec -j RETURN",
         *[
-            f"-A OVERLAY-VICI-GUARD-OUT -d {ip}/32 -p ipencap -m policy --dir out --pol none "
-            f'-m comment --comment "overlay-vici guard: {name}" -j DROP'
-            for name, ip in peers
+            f"-A OVERLAY-VICI-GUARD-OUT -d {ip}/32 "
+            f'-m comment --comment "overlay-vici guard: outside the mesh: {name}" -j RETURN'
+            for name, ip in outside
         ],
+        "-A OVERLAY-VICI-GUARD-OUT -p ipencap -m policy --dir out --pol none -m comment "
+        '--comment "overlay-vici guard: IPIP that IPsec does not protect" -j DROP',
         "COMMIT",
     ]
     mangle = [
@@ -45,61 +47,89 @@ def saved_as_iptables_prints(peers: list[tuple[str, str]], jumps: int = 1) -> di
         *["-A INPUT -p ipencap -j OVERLAY-VICI-GUARD-IN"] * jumps,
         "-A OVERLAY-VICI-GUARD-IN -m policy --dir in --pol ipsec -j RETURN",
         *[
-            f"-A OVERLAY-VICI-GUARD-IN -s {ip}/32 -p ipencap -m policy --dir in --pol none "
-            f'-m comment --comment "overlay-vici guard: {name}" -j DROP'
-            for name, ip in peers
+            f"-A OVERLAY-VICI-GUARD-IN -s {ip}/32 "
+            f'-m comment --comment "overlay-vici guard: outside the mesh: {name}" -j RETURN'
+            for name, ip in outside
         ],
+        "-A OVERLAY-VICI-GUARD-IN -p ipencap -m policy --dir in --pol none -m comment "
+        '--comment "overlay-vici guard: IPIP that IPsec does not protect" -j DROP',
         "COMMIT",
     ]
     return {"raw": "\n".join(raw) + "\n", "mangle": "\n".join(mangle) + "\n"}
 
 
-def test_peers_exclude_this_node_and_ipv6_and_are_sorted_by_address() -> None:
-    peers = guard_peers([("n9", "10.99.0.10"), *PEERS, ("v6", "fd00::1")], "n2")
-    assert [p.name for p in peers] == ["n1", "n3", "n9"]
+def test_outside_nodes_skip_ipv6_and_are_sorted_by_address() -> None:
+    outside = outside_peers([("n9", "10.99.0.10"), *OUTSIDE, ("v6", "fd00::1")])
+    assert [p.name for p in outside] == ["n5", "n6", "n9"]
 
 
 def test_first_install_script_declares_both_chains_fills_them_and_adds_the_jumps() -> None:
-    script = install_script(guard_peers(PEERS, "n1"), {})
+    script = install_script(outside_peers(OUTSIDE[:1]), {})
     assert script == (
         "*raw\n"
         ":OVERLAY-VICI-GUARD-OUT - [0:0]\n"
         "-A OVERLAY-VICI-GUARD-OUT -m policy --dir out --pol ipsec -j RETURN\n"
-        "-A OVERLAY-VICI-GUARD-OUT -d 10.99.0.2/32 -p 4 -m policy --dir out --pol none "
-        '-m comment --comment "overlay-vici guard: n2" -j DROP\n'
-        "-A OVERLAY-VICI-GUARD-OUT -d 10.99.0.3/32 -p 4 -m policy --dir out --pol none "
-        '-m comment --comment "overlay-vici guard: n3" -j DROP\n'
+        "-A OVERLAY-VICI-GUARD-OUT -d 10.99.0.5/32 "
+        '-m comment --comment "overlay-vici guard: outside the mesh: n5" -j RETURN\n'
+        "-A OVERLAY-VICI-GUARD-OUT -p 4 -m policy --dir out --pol none "
+        '-m comment --comment "overlay-vici guard: IPIP that IPsec does not protect" -j DROP\n'
         "-I OUTPUT 1 -p 4 -j OVERLAY-VICI-GUARD-OUT\n"
         "COMMIT\n"
         "*mangle\n"
         ":OVERLAY-VICI-GUARD-IN - [0:0]\n"
         "-A OVERLAY-VICI-GUARD-IN -m policy --dir in --pol ipsec -j RETURN\n"
-        "-A OVERLAY-VICI-GUARD-IN -s 10.99.0.2/32 -p 4 -m policy --dir in --pol none "
-        '-m comment --comment "overlay-vici guard: n2" -j DROP\n'
-        "-A OVERLAY-VICI-GUARD-IN -s 10.99.0.3/32 -p 4 -m policy --dir in --pol none "
-        '-m comment --comment "overlay-vici guard: n3" -j DROP\n'
+        "-A OVERLAY-VICI-GUARD-IN -s 10.99.0.5/32 "
+        '-m comment --comment "overlay-vici guard: outside the mesh: n5" -j RETURN\n'
+        "-A OVERLAY-VICI-GUARD-IN -p 4 -m policy --dir in --pol none "
+        '-m comment --comment "overlay-vici guard: IPIP that IPsec does not protect" -j DROP\n'
         "-I INPUT 1 -p 4 -j OVERLAY-VICI-GUARD-IN\n"
         "COMMIT\n"
     )
 
 
 def test_an_existing_jump_is_not_added_again() -> None:
-    script = install_script(guard_peers(PEERS, "n1"), saved_as_iptables_prints(PEERS[1:]))
+    script = install_script(outside_peers(OUTSIDE), saved_as_iptables_prints(OUTSIDE[1:]))
     assert "-I OUTPUT" not in script and "-I INPUT" not in script
     assert script.count(":OVERLAY-VICI-GUARD-") == 2  # still replaced whole
 
 
-def test_no_peers_still_installs_the_chains() -> None:
-    """A one-node mesh: the chains and jumps exist, ready for the first peer."""
+def test_nobody_outside_the_mesh_drops_every_unprotected_ipip() -> None:
+    """The usual case: no allow rule, so no address at all escapes the DROP."""
     script = install_script((), {})
-    assert "-j DROP" not in script and script.count("-j RETURN") == 2
+    assert script.count("-j RETURN") == 2  # the IPsec RETURN, each way
+    assert script.count("-j DROP") == 2 and " -d " not in script and " -s " not in script
     assert "-I OUTPUT 1 -p 4 -j OVERLAY-VICI-GUARD-OUT" in script
 
 
-def test_installed_peers_reads_back_what_iptables_save_prints() -> None:
-    saved = saved_as_iptables_prints(PEERS[1:])
-    assert installed_peers(saved) == {IPv4Address("10.99.0.2"), IPv4Address("10.99.0.3")}
-    assert installed_peers(saved_as_iptables_prints([])) == set()
+def test_each_allow_rule_comes_before_the_drop() -> None:
+    for table in install_script(outside_peers(OUTSIDE), {}).split("COMMIT\n")[:2]:
+        rules = [line for line in table.splitlines() if line.startswith("-A ")]
+        assert "--pol ipsec -j RETURN" in rules[0]
+        assert all("outside the mesh" in rule for rule in rules[1:-1]) and len(rules) == 4
+        assert rules[-1].endswith("-j DROP") and "--pol none" in rules[-1]
+
+
+def test_installed_outside_reads_back_what_iptables_save_prints() -> None:
+    assert installed_outside(saved_as_iptables_prints(OUTSIDE)) == outside_peers(OUTSIDE)
+    assert installed_outside(saved_as_iptables_prints([])) == ()
+
+
+def test_protocol_printed_as_a_number_reads_back_too() -> None:
+    """Without /etc/protocols (a slim image) iptables-save prints `-p 4`."""
+    saved = {
+        table: text.replace("-p ipencap", "-p 4")
+        for table, text in saved_as_iptables_prints(OUTSIDE).items()
+    }
+    assert installed_outside(saved) == outside_peers(OUTSIDE)
+
+
+FOREIGN = "-A OVERLAY-VICI-GUARD-OUT -p icmp -j ACCEPT\n"  # someone else's rule in our chain
+
+
+def _swap_last_rules(text: str) -> str:
+    lines = text.splitlines()
+    lines[-3], lines[-2] = lines[-2], lines[-3]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize(
@@ -108,17 +138,40 @@ def test_installed_peers_reads_back_what_iptables_save_prints() -> None:
         lambda s: {"raw": s["raw"]},  # the mangle table was never written
         lambda s: {**s, "raw": s["raw"].replace("-A OUTPUT -p ipencap -j OVERLAY", "#")},
         lambda s: {**s, "mangle": s["mangle"].replace("--pol ipsec -j RETURN", "--pol ipsec")},
-        lambda s: {**s, "mangle": s["mangle"].replace("-s 10.99.0.3/32", "-s 10.99.0.4/32")},
-        lambda s: {**s, "raw": s["raw"].replace("-j DROP", "-j ACCEPT", 1)},
+        lambda s: {**s, "mangle": s["mangle"].replace("-s 10.99.0.6/32", "-s 10.99.0.7/32")},
+        lambda s: {**s, "raw": s["raw"].replace("-j DROP", "-j ACCEPT")},
+        lambda s: {**s, "raw": "\n".join(s["raw"].splitlines()[:-2]) + "\nCOMMIT\n"},
+        lambda s: {**s, "mangle": _swap_last_rules(s["mangle"])},
+        lambda s: {**s, "raw": s["raw"].replace("-j RETURN\n", "-j RETURN\n" + FOREIGN, 1)},
     ],
-    ids=["table missing", "jump missing", "no return", "peers differ", "not a drop"],
+    ids=[
+        "table missing",
+        "jump missing",
+        "no ipsec return",
+        "allow-lists differ",
+        "not a drop",
+        "no catch-all",
+        "allow after the drop",
+        "foreign rule",
+    ],
 )
 def test_a_guard_that_is_not_whole_reads_back_as_none(damage) -> None:  # type: ignore[no-untyped-def]
-    assert installed_peers(damage(saved_as_iptables_prints(PEERS[1:]))) is None
+    assert installed_outside(damage(saved_as_iptables_prints(OUTSIDE))) is None
+
+
+def test_the_per_peer_guard_of_earlier_releases_is_not_whole() -> None:
+    """An upgrade finds per-peer DROPs and no catch-all: the agent replaces them."""
+    saved = saved_as_iptables_prints([])
+    old = (
+        "-A OVERLAY-VICI-GUARD-OUT -d 10.99.0.2/32 -p ipencap -m policy --dir out --pol none "
+        '-m comment --comment "overlay-vici guard: n2" -j DROP'
+    )
+    last = saved["raw"].splitlines()[-2]
+    assert installed_outside({**saved, "raw": saved["raw"].replace(last, old)}) is None
 
 
 def test_removal_deletes_every_jump_and_both_chains() -> None:
-    script = removal_script(saved_as_iptables_prints(PEERS[1:], jumps=2))
+    script = removal_script(saved_as_iptables_prints(OUTSIDE, jumps=2))
     assert script == (
         "*raw\n"
         "-D OUTPUT -p ipencap -j OVERLAY-VICI-GUARD-OUT\n"
@@ -166,9 +219,9 @@ def test_backend_is_chosen_like_calico(
     assert choose_backend(setting, legacy, nft) == expected
 
 
-def test_guard_peer_orders_by_address_not_text() -> None:
-    peers = guard_peers([("a", "10.0.0.10"), ("b", "10.0.0.9")], "x")
-    assert peers == (
+def test_outside_nodes_order_by_address_not_text() -> None:
+    outside = outside_peers([("a", "10.0.0.10"), ("b", "10.0.0.9")])
+    assert outside == (
         GuardPeer(IPv4Address("10.0.0.9"), "b"),
         GuardPeer(IPv4Address("10.0.0.10"), "a"),
     )

@@ -11,11 +11,13 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 
 import pytest
 
 from overlay_vici import netfilter
+from overlay_vici.guard_plan import IN
 from overlay_vici.netfilter import Guard, GuardError, detect_backend
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, iproute2 and iptables (a private network namespace per test)",
 )
 
-PEERS = {("n1", "10.99.0.1"), ("n2", "10.99.0.2"), ("n3", "10.99.0.3")}
+OUTSIDE = {("n5", "10.99.0.5"), ("n6", "10.99.0.6")}
 
 
 @pytest.fixture
@@ -60,37 +62,100 @@ class InNamespace:
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
-def test_ensure_installs_once_then_follows_peer_changes(netns: str, backend: str) -> None:
+def test_ensure_installs_once_then_follows_the_nodes_outside(netns: str, backend: str) -> None:
     run = InNamespace(netns)
     guard = Guard("n1", backend, run)
-    assert guard.ensure(PEERS) is True
+    assert guard.ensure(OUTSIDE) is True
     saved = run.save(backend)
     assert "-A OUTPUT -p ipencap -j OVERLAY-VICI-GUARD-OUT" in saved
     assert "-A INPUT -p ipencap -j OVERLAY-VICI-GUARD-IN" in saved
-    assert saved.count("--pol none") == 4  # n2 and n3, each way; n1 is this node
-    assert guard.ensure(PEERS) is False  # unchanged: not even read again
+    assert saved.count("--pol none") == 2  # one catch-all DROP each way
+    assert saved.count("outside the mesh: n5") == saved.count("outside the mesh: n6") == 2
+    assert guard.ensure(OUTSIDE) is False  # unchanged: not even read again
     # A new agent (restart) finds the guard whole and leaves it alone.
     again = Guard("n1", backend, run)
-    assert again.ensure(PEERS) is False and len(run.restores) == 1
-    # A peer moves to a new address: one restore, still a single jump each way.
-    moved = (PEERS - {("n3", "10.99.0.3")}) | {("n3", "10.99.0.13")}
+    assert again.ensure(OUTSIDE) is False and len(run.restores) == 1
+    assert again.outside == guard.outside
+    # An outside node moves to a new address: one restore, still a single jump each way.
+    moved = (OUTSIDE - {("n6", "10.99.0.6")}) | {("n6", "10.99.0.16")}
     assert again.ensure(moved) is True
     saved = run.save(backend)
-    assert "10.99.0.13/32" in saved and "10.99.0.3/32" not in saved
+    assert "10.99.0.16/32" in saved and "10.99.0.6/32" not in saved
     assert saved.count("-j OVERLAY-VICI-GUARD-OUT") == 1
     assert saved.count("-j OVERLAY-VICI-GUARD-IN") == 1
-    assert len(run.restores) == 2
+    # The last one joins the mesh: only the catch-all is left.
+    assert again.ensure([]) is True and again.outside == ()
+    saved = run.save(backend)
+    assert "outside the mesh" not in saved and saved.count("--pol none") == 2
+    assert len(run.restores) == 3
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_installed_reports_whole_partial_and_absent(netns: str, backend: str) -> None:
+    run = InNamespace(netns)
+    guard = Guard("n1", backend, run)
+    assert guard.installed() == (None, False)
+    guard.ensure(OUTSIDE)
+    outside, present = guard.installed()
+    assert present and outside == guard.outside and [p.name for p in outside] == ["n5", "n6"]
+    run([f"iptables-{backend}", "-t", "mangle", "-D", "INPUT", "-p", "4", "-j", IN.chain], None)
+    assert guard.installed() == (None, True)
+
+
+# Sends a bare IPv4 header with protocol 4 per SRC>DST argument from a raw socket (no ipip
+# module needed) and prints its fate: dropped-out (sendto's EPERM: raw OUTPUT dropped it),
+# delivered (a protocol-4 raw socket got it), or dropped-in (it left but never arrived).
+PROBE = """
+import socket, struct, sys
+receiver = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+receiver.settimeout(0.3)
+sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for pair in sys.argv[1:]:
+    src, dst = pair.split(">")
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 4, 0, socket.inet_aton(src), socket.inet_aton(dst)
+    )
+    try:
+        sender.sendto(header, (dst, 0))
+    except PermissionError:
+        print("dropped-out")
+        continue
+    try:
+        receiver.recv(100)
+        print("delivered")
+    except TimeoutError:
+        print("dropped-in")
+"""
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_the_kernel_drops_unprotected_ipip_but_that_of_nodes_outside(
+    netns: str, backend: str
+) -> None:
+    """No SA exists here, so all IPIP is unprotected. The namespace owns 10.99.0.0/24 on lo,
+    so each packet passes the outbound chain (-d) and then the inbound one (-s)."""
+    run = InNamespace(netns)
+    run(["ip", "link", "set", "lo", "up"], None)
+    run(["ip", "addr", "add", "10.99.0.1/24", "dev", "lo"], None)
+    Guard("n1", backend, run).ensure(OUTSIDE)
+    fates = {
+        "10.99.0.1>10.99.0.7": "dropped-out",  # to a node not outside the mesh
+        "10.99.0.7>10.99.0.5": "dropped-in",  # to n5 (outside) it leaves; from .7 it is dropped
+        "10.99.0.6>10.99.0.5": "delivered",  # n6 to n5: both outside the mesh
+    }
+    seen = run([sys.executable, "-c", PROBE, *fates], None).stdout.split()
+    assert dict(zip(fates, seen, strict=True)) == fates
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
 def test_a_flushed_guard_is_put_back_on_the_next_check(netns: str, backend: str) -> None:
     run = InNamespace(netns)
     guard = Guard("n1", backend, run)
-    guard.ensure(PEERS)
+    guard.ensure(OUTSIDE)
     run([f"iptables-{backend}", "-t", "raw", "-F", "OVERLAY-VICI-GUARD-OUT"], None)
     guard._verified -= netfilter.VERIFY_EVERY  # the periodic check is due
-    assert guard.ensure(PEERS) is True
-    assert run.save(backend).count("--pol none") == 4
+    assert guard.ensure(OUTSIDE) is True
+    assert run.save(backend).count("--pol none") == 2
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
@@ -98,7 +163,7 @@ def test_remove_leaves_nothing_and_other_rules_alone(netns: str, backend: str) -
     run = InNamespace(netns)
     run([f"iptables-{backend}", "-t", "raw", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT"], None)
     guard = Guard("n1", backend, run)
-    guard.ensure(PEERS)
+    guard.ensure(OUTSIDE)
     assert guard.remove() is True
     saved = run.save(backend)
     assert "OVERLAY-VICI" not in saved
@@ -124,7 +189,7 @@ def test_missing_iptables_is_one_sentence_naming_the_fix(
 ) -> None:
     monkeypatch.setattr(netfilter.shutil, "which", lambda _: None)
     with pytest.raises(GuardError) as raised:
-        Guard("n1", "legacy", InNamespace(netns)).ensure(PEERS)
+        Guard("n1", "legacy", InNamespace(netns)).ensure(OUTSIDE)
     message = str(raised.value)
     assert "install iptables" in message and "--no-guard" in message
     assert message.count(". ") == 0
