@@ -5,9 +5,10 @@ good one on any error), render and parse it, diff against charon, send the diffe
 then reauthenticate IKE_SAs that predate a change of the sent generation.
 
 The keyring's encryption switch gives the mode (keyring.Encryption.mode): 'on' keeps the
-guard and trapped connections; 'prepare' loads keys and connections without traps, so
-that the first negotiations after the switch succeed at once; 'off' unloads everything and
-removes the guard. The mode changes at the keyring's moment, read from this node's clock.
+guard and trapped connections; 'prepare' loads keys and connections without traps and
+brings the SAs up, so that at the moment every pair is already encrypted and nothing but
+the enforcement (traps, guard) changes; 'off' unloads everything and removes the guard.
+The mode changes at the keyring's moment, read from this node's clock.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from overlay_vici.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
+# Switching off, SAs outlive their connections by this much past the moment: longer than
+# the nodes take to remove their traps (measured 0.3 s apart), so that no peer's trap meets
+# a deleted SA, asks for a new one that cannot come, and leaves an acquire state behind.
+OFF_SETTLE = 2.0
 
 
 @dataclass(frozen=True)
@@ -114,11 +119,14 @@ class Agent:
         with SecretWatcher(self.config.secret_dir) as watcher:
             while not stop.is_set():
                 watcher.changed.clear()
-                wait = self.step()
-                for _ in range(int(wait / 0.1) + 1):
-                    if stop.is_set() or watcher.changed.is_set() or self.charon.dropped():
+                # A deadline, not a count of short waits: the switch's moment is kept to the
+                # tick even on a slow CPU. Short waits still notice a dropped charon.
+                deadline = time.monotonic() + self.step()
+                while not (stop.is_set() or watcher.changed.is_set() or self.charon.dropped()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
                         break
-                    watcher.changed.wait(0.1)
+                    watcher.changed.wait(min(0.1, remaining))
         self.charon.close()
 
     def step(self) -> float:
@@ -140,6 +148,8 @@ class Agent:
             switch_in = self.desired.keyring.encryption.wait(time.time())
             if switch_in is not None:
                 wait = min(wait, switch_in)
+            elif self._mode(self.desired.keyring) != self.desired.mode:
+                wait = 0.0  # the moment passed during this step
         self.last_error = "; ".join(self._errors) or None
         self._write_status()
         if self.config.on_step is not None:
@@ -176,8 +186,9 @@ class Agent:
             return
         if self.config.conf_out:
             write_atomic(self.config.conf_out, text, 0o600)
-        initiated = self._initiated(keyring) if mode == "on" else frozenset()
-        self.desired = Accepted(raw, keyring, mode, Desired.of(messages, initiated))
+        initiated = self._initiated(keyring) if mode != "off" else frozenset()
+        target = Desired.of(messages, initiated, keep_sas=mode == "off")
+        self.desired = Accepted(raw, keyring, mode, target)
         log.info(
             "keyring accepted",
             node=self.config.node,
@@ -232,21 +243,27 @@ class Agent:
         if failures == 0 and desired.mode != self.mode:
             self._enter_mode(desired)
         if desired.mode == "off":
-            return self._close_all()
+            return self._close_all(desired.keyring)
         return self._maintain_sas()
 
     def _enter_mode(self, desired: Accepted) -> None:
-        """At the switch to on, bring up at once what prepare only loaded."""
+        """At the switch to on, bring up at once what prepare could not (a peer that was
+        not prepared yet), rather than when traffic hits the new trap."""
         log.info("encryption mode", node=self.config.node, mode=desired.mode, was=self.mode)
         if self.mode == "prepare" and desired.mode == "on":
-            for conn in sorted(desired.target.initiated):
+            present = {sa.conn for sa in self.sas}
+            for conn in sorted(desired.target.initiated - present):
                 self._initiate(conn)
         self.mode = desired.mode
 
-    def _close_all(self) -> float:
-        """Off: no IKE_SA of ours may outlive its connection, or its policies would stay."""
+    def _close_all(self, keyring: Keyring) -> float:
+        """Off: once every node's traps are gone (OFF_SETTLE), close every IKE_SA of ours;
+        until then they carry the traffic, so that switching off loses nothing."""
         self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
         self.stale = []
+        settle = (keyring.encryption.at or 0.0) + OFF_SETTLE - time.time()
+        if settle > 0:
+            return min(settle, self.config.resync_seconds)
         for sa in self.sas:
             self._act(self._terminate_now, "closing IKE_SA, encryption is off", sa)
         return self.config.resync_seconds

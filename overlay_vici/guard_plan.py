@@ -48,6 +48,7 @@ HOOKS = (OUT, IN)
 COMMENT_PREFIX = "overlay-vici guard"
 OUTSIDE_COMMENT = f"{COMMENT_PREFIX}: outside the mesh: "
 DROP_COMMENT = f"{COMMENT_PREFIX}: IPIP that IPsec does not protect"
+COMMENT_MAX = 255  # what xt_comment holds
 
 
 @dataclass(frozen=True, order=True)
@@ -73,9 +74,11 @@ def chain_rules(hook: Hook, outside: Iterable[GuardPeer]) -> list[str]:
     rules = [f"-A {hook.chain} -m policy --dir {hook.direction} --pol ipsec -j RETURN"]
     for peer in outside:
         # Node names are DNS-1123 names: nothing in them needs escaping inside the quotes.
+        # xt_comment holds 255 characters; a node name may have 253.
+        comment = f"{OUTSIDE_COMMENT}{peer.name}"[:COMMENT_MAX]
         rules.append(
             f"-A {hook.chain} {hook.peer_option} {peer.ip}/32 "
-            f'-m comment --comment "{OUTSIDE_COMMENT}{peer.name}" -j RETURN'
+            f'-m comment --comment "{comment}" -j RETURN'
         )
     rules.append(
         f"-A {hook.chain} -p {IPIP} -m policy --dir {hook.direction} --pol none "

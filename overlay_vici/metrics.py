@@ -81,6 +81,8 @@ def to_prometheus(families: Iterable[Family]) -> Iterator[Metric]:
 
 # -- the agent ------------------------------------------------------------------------------
 
+ENCRYPTION_MODES = ("on", "prepare", "off")
+
 
 @dataclass
 class AgentCounts:
@@ -140,6 +142,19 @@ def agent_families(
             "keyring_serial",
             "serial of the keyring loaded into charon",
             status.get("keyring_serial"),
+        ),
+        _labelled(
+            "encryption_mode",
+            "gauge",
+            "1 for the mode of the cluster-wide switch this node is in: on, prepare (keys "
+            "loaded and SAs up, nothing enforced yet), off",
+            ("mode",),
+            [((mode,), status.get("encryption") == mode) for mode in ENCRYPTION_MODES],
+        ),
+        *_gauge(
+            "guard_installed",
+            "1 while the guard that drops unprotected IPIP is installed (as last verified)",
+            None if status.get("guard") is None else int(bool(status["guard"]["installed"])),
         ),
         *_gauge(
             "charon_connected",

@@ -35,12 +35,16 @@ class Desired:
     messages: Messages
     digests: dict[str, str]
     initiated: frozenset[str]  # connections to bring up as soon as they are loaded
+    # Unload connections but leave their SAs to the caller (the switch off: see agent).
+    keep_sas: bool = False
 
     @classmethod
-    def of(cls, messages: Messages, initiated: frozenset[str] = frozenset()) -> Desired:
+    def of(
+        cls, messages: Messages, initiated: frozenset[str] = frozenset(), keep_sas: bool = False
+    ) -> Desired:
         every = {**messages.shared, **messages.conns}
         digests = {subject: digest(message) for subject, message in every.items()}
-        return cls(messages, digests, initiated)
+        return cls(messages, digests, initiated, keep_sas)
 
 
 def digest(message: dict[str, Any]) -> str:
@@ -83,7 +87,8 @@ def plan(
         if is_owned_conn(name) and name not in desired.messages.conns:
             # Unloading removes the trap only; the peer's SAs would live on until DPD.
             commands.append(Command("unload-conn", {"name": name}, name))
-            commands.append(Command("terminate", _terminate(name), name, must_succeed=False))
+            if not desired.keep_sas:
+                commands.append(Command("terminate", _terminate(name), name, must_succeed=False))
     commands += [
         Command("unload-shared", {"id": key_id}, key_id)
         for key_id in sorted(loaded_shared)

@@ -109,6 +109,15 @@ def test_each_allow_rule_comes_before_the_drop() -> None:
         assert rules[-1].endswith("-j DROP") and "--pol none" in rules[-1]
 
 
+def test_a_253_character_node_name_fits_the_255_character_comment() -> None:
+    """xt_comment refuses longer comments, and the restore with them; the address decides."""
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+    script = install_script(outside_peers([(longest, "10.99.0.9")]), {})
+    comments = [line.split('--comment "')[1].split('"')[0] for line in script.splitlines()
+                if "outside the mesh" in line]  # fmt: skip
+    assert len(longest) == 253 and comments and all(len(c) <= 255 for c in comments)
+
+
 def test_installed_outside_reads_back_what_iptables_save_prints() -> None:
     assert installed_outside(saved_as_iptables_prints(OUTSIDE)) == outside_peers(OUTSIDE)
     assert installed_outside(saved_as_iptables_prints([])) == ()

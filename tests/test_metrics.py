@@ -59,6 +59,8 @@ STATUS = {
     "charon_connected": True,
     "vici_messages": 17,
     "last_error": None,
+    "encryption": "on",
+    "guard": {"backend": "legacy", "installed": True, "outside": []},
 }
 
 
@@ -104,6 +106,10 @@ def test_agent_status_maps_to_its_metrics() -> None:
         'overlay_vici_generation{generation="1",role="sent"}': 1,
         'overlay_vici_generation{generation="2",role="accepted"}': 1,
         "overlay_vici_keyring_serial": 3,
+        'overlay_vici_encryption_mode{mode="on"}': 1,
+        'overlay_vici_encryption_mode{mode="prepare"}': 0,
+        'overlay_vici_encryption_mode{mode="off"}': 0,
+        "overlay_vici_guard_installed": 1,
         "overlay_vici_charon_connected": 1,
         "overlay_vici_events_connected": 1,
         'overlay_vici_ike_auth_failures_total{reason="mismatch"}': 2,
@@ -128,6 +134,7 @@ def test_before_any_keyring_only_what_is_known_is_exported() -> None:
     assert "overlay_vici_keyring_serial" not in samples
     assert "overlay_vici_last_success_timestamp_seconds" not in samples
     assert samples["overlay_vici_charon_connected"] == 0
+    assert "overlay_vici_guard_installed" not in samples  # run with --no-guard
 
 
 def test_a_retired_generation_disappears_from_the_metrics() -> None:

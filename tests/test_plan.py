@@ -8,7 +8,7 @@ from keyring_fixtures import build_keyring
 
 from overlay_vici.plan import Command, Desired, digest, plan
 from overlay_vici.render import Settings, conn_name, secret_id, swanctl_conf
-from overlay_vici.swanctl_conf import to_messages
+from overlay_vici.swanctl_conf import Messages, to_messages
 
 NODE = "node-0"
 
@@ -79,6 +79,15 @@ def test_removed_peer_sas_are_terminated_without_waiting() -> None:
     assert terminate.message == {"ike": "ov-node-3", "force": "yes", "timeout": "-1"}
     assert terminate.must_succeed is False
     assert commands.index(terminate) == 1 + [c.command for c in commands].index("unload-conn")
+
+
+def test_switching_off_unloads_everything_but_leaves_the_sas_to_the_agent() -> None:
+    """keep_sas: connections and keys go, no terminate (the agent closes the SAs once every
+    node's traps are gone)."""
+    off = Desired.of(Messages({}, {}), keep_sas=True)
+    commands = plan(off, *in_sync(desired(3)))
+    assert {c.command for c in commands} == {"unload-conn", "unload-shared"}
+    assert len(commands) == 2 + 2 * 2  # two peers' conns, their keys of generations 1 and 2
 
 
 def test_changed_content_is_reloaded_by_digest() -> None:
