@@ -339,7 +339,10 @@ def decide(
     if keyring is None:
         peers, skipped = desired_peers(nodes or (), ())
         outside = outside_peers(nodes or (), peers)
-        switch = kr.Encryption(True if enabled is None else enabled, 0.0)
+        # Asked for on (the deployed settings say so): a cutover like any switch on, so that
+        # the agents a fresh install rolls out get ready first and none drops the traffic of
+        # nodes not ready yet. Not asked (local mode without a switch file): on at once.
+        switch = kr.Encryption(enabled is not False, None if enabled else 0.0)
         created = kr.create(list(peers), encryption=switch, outside=outside)
         events.append(
             (
@@ -355,6 +358,9 @@ def decide(
         )
         events.extend(("node skipped", {"node": n, "reason": r}) for n, r in skipped)
         fresh = MasterState(phase_serial=1, last_rotation=now)
+        if switch.at is None:
+            fresh = dataclasses.replace(fresh, cutover_serial=1, cutover_announced=now)
+            events.append(("encryption switch announced", {"enabled": True}))
         return Decision(created, fresh, True, (), (), tuple(p.name for p in peers), tuple(events))
 
     original_state = state
@@ -398,7 +404,7 @@ def decide(
     switch = keyring.encryption
     if state.phase == "idle":
         switch, next_state, waiting, step_events = _cutover(
-            switch, state, live, not_live, enabled, now, policy
+            switch, state, live, (expired, absent), enabled, now, policy
         )
         events.extend(step_events)
         steady = switch == keyring.encryption and not cutover_pending(switch, now)
@@ -476,7 +482,7 @@ def _cutover(
     switch: kr.Encryption,
     state: MasterState,
     live: Mapping[str, AgentReport],
-    not_live: set[str],
+    not_live: tuple[tuple[str, ...], tuple[str, ...]],
     enabled: bool | None,
     now: float,
     policy: Policy,
@@ -485,9 +491,13 @@ def _cutover(
 
     Announced and wanted back: withdrawn at once, as no node has started or stopped
     enforcing yet.
-    Announced and applied by every live agent: scheduled. Not pending and wanted otherwise:
-    announced. A scheduled switch runs to its moment whatever is wanted meanwhile.
+    Announced and applied by every live agent: scheduled. Agents that never reported
+    (`absent`, e.g. still starting in a fresh install's rollout) are waited for too, but
+    only for `agent_timeout` after the announcement; expired ones are skipped at once.
+    Not pending and wanted otherwise: announced. A scheduled switch runs to its moment
+    whatever is wanted meanwhile.
     """
+    expired, absent = not_live
     target = {"enabled": enabled}
     cleared = dataclasses.replace(state, cutover_serial=None, cutover_announced=None)
     if switch.at is None:
@@ -499,15 +509,20 @@ def _cutover(
                 [("encryption switch reverted", target)],
             )
         waiting = cutover_waiting(state, live)
+        announced = state.cutover_announced
+        if announced is not None and now - announced < policy.agent_timeout:
+            waiting = tuple(sorted(waiting + absent))
         if waiting:
             return switch, state, waiting, []
-        took = now - (state.cutover_announced if state.cutover_announced is not None else now)
-        lead = max(policy.cutover_lead, 2 * took)
+        took = now - (announced if announced is not None else now)
+        # Twice the acknowledgements' time covers the Secret's propagation; a rollout's
+        # wait for starting agents is no measure of it, hence the cap.
+        lead = max(policy.cutover_lead, min(2 * took, policy.agent_timeout))
         fields = {
             "enabled": switch.enabled,
             "at": round(now + lead, 3),
             "lead": round(lead, 3),
-            "skipped": sorted(not_live),
+            "skipped": sorted(expired + absent),
         }
         scheduled = kr.Encryption(switch.enabled, now + lead)
         return scheduled, cleared, (), [("encryption switch scheduled", fields)]

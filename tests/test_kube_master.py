@@ -764,7 +764,11 @@ def test_the_enabled_file_switches_every_node_through_the_api(
 
     try:
         until("the Secret", lambda: kube.get("secrets", SECRET, NS), timeout=20)
-        assert acked().encryption == kr.Encryption(True, 0.0)
+        # Asked for on at creation: a fresh install's cutover, scheduled once all have it.
+        assert keyring().encryption == kr.Encryption(True, None)
+        on = until("the switch on", lambda: acked().encryption.at is not None and keyring())
+        until("its moment", lambda: on.encryption.mode(time.time()) == "on", timeout=5)
+        acked()
         publish_secret(settings, {"enabled": "false"})  # kubectl patch, as kubelet applies it
         announced = until("the announcement", lambda: keyring().encryption.at is None)
         assert announced and keyring().encryption.enabled is False
@@ -793,8 +797,9 @@ def test_the_enabled_file_switches_every_node_through_the_api(
         _, err = process.communicate(timeout=15)
     assert process.returncode == 0, err.decode()
     reasons = [e["reason"] for e in events(kube)]
-    assert reasons == ["EncryptionSwitchAnnounced", "EncryptionSwitchScheduled"]
-    assert events(kube)[1]["message"].startswith("Every node switches encryption off at ")
+    assert reasons == ["EncryptionSwitchAnnounced", "EncryptionSwitchScheduled"] * 2
+    assert events(kube)[1]["message"].startswith("Every node switches encryption on at ")
+    assert events(kube)[3]["message"].startswith("Every node switches encryption off at ")
     lines = [json.loads(line) for line in err.decode().splitlines()]
     logged = [line["event"] for line in lines]
     assert "encryption switch announced" in logged and "encryption switch scheduled" in logged

@@ -377,8 +377,31 @@ def test_a_cutover_skips_expired_and_absent_agents(start: Decision) -> None:
     reports["n3"] = AgentReport("n3", 50 - 31, keyring_serial=1)  # expired, behind
     scheduled = step(announced, reports, 50, enabled=False)
     assert scheduled.expired == ("n3",) and scheduled.absent == ("n4",)
-    assert scheduled.keyring.encryption.at == 50.0 + 80.0
+    # The acknowledgements took 40 s, but a lead is never above agent_timeout (30 s).
+    assert scheduled.keyring.encryption.at == 50.0 + 30.0
     assert dict(scheduled.events)["encryption switch scheduled"]["skipped"] == ["n3", "n4"]
+
+
+def test_a_cutover_waits_for_an_agent_still_starting_but_not_forever(start: Decision) -> None:
+    """Never reported (absent): waited for during agent_timeout after the announcement."""
+    announced = announce(start)  # at 10
+    early = step(announced, ack(announced, ["n1", "n2", "n3"], now=20), 20, enabled=False)
+    assert early.waiting == ("n4",) and early.keyring.encryption.at is None
+    late = step(announced, ack(announced, ["n1", "n2", "n3"], now=41), 41, enabled=False)
+    assert late.waiting == () and late.keyring.encryption.at == 41.0 + 30.0
+
+
+def test_a_fresh_install_asked_for_on_starts_with_a_cutover() -> None:
+    """enabled=True at creation (the deployed settings): announced, so that the agents
+    a rollout starts one by one get ready before any enforces; enabled=None: on at once."""
+    fresh = decide(None, None, NODES, {}, 0.0, POLICY, enabled=True)
+    assert fresh.keyring.encryption == kr.Encryption(True, None)
+    assert (fresh.state.cutover_serial, fresh.state.cutover_announced) == (1, 0.0)
+    rolling = step(fresh, ack(fresh, ["n1", "n2"], now=5), 5, enabled=True)
+    assert rolling.waiting == ("n3", "n4") and rolling.keyring.encryption.at is None
+    ready = step(fresh, ack(fresh, now=8), 8, enabled=True)
+    assert ready.keyring.encryption == kr.Encryption(True, 8.0 + 16.0)
+    assert decide(None, None, NODES, {}, 0.0, POLICY).keyring.encryption.mode(0.0) == "on"
 
 
 def test_a_change_of_mind_while_only_announced_reverts_at_once(start: Decision) -> None:

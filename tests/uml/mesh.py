@@ -266,6 +266,19 @@ class Node:
     def reset_counters(self) -> None:
         self.run(["iptables-legacy", "-w", "10", "-t", "raw", "-Z", "PREROUTING"])
 
+    def xfrm_left(self) -> list[str]:
+        """`ip xfrm` states and policies but charon's per-socket bypasses for IKE (they
+        belong to its sockets, go with charon and carry no traffic)."""
+        entries = []
+        for kind in ("state", "policy"):
+            text = self.run(["ip", "xfrm", kind]).stdout.strip()
+            entries += [e for e in re.split(r"\n(?=src )", text) if e]
+        return [e for e in entries if not re.search(r"^\s+socket (in|out) ", e, re.M)]
+
+    def guarded(self) -> bool:
+        """Whether the overlay-vici guard chains exist in the node's (legacy) iptables."""
+        return "OVERLAY-VICI" in self.run(["iptables-legacy-save"]).stdout
+
     def kill_all(self) -> None:
         """SIGKILL every process started in the node and reap it."""
         for process in self._processes:

@@ -12,7 +12,6 @@ and nothing of ours left in `ip xfrm`, charon or netfilter once every node is of
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -92,7 +91,7 @@ def cutover(mesh: Mesh, master: LocalMaster, state: str, mode: str) -> dict[str,
         except TimeoutError:
             raise AssertionError({node.name: sa_blocks(node) for node in mesh.nodes}) from None
         assert time.time() < at, "the moment came too soon to look at the prepared mesh"
-        assert not any(guarded(node) for node in mesh.nodes)
+        assert not any(node.guarded() for node in mesh.nodes)
     wait_mode(mesh.nodes, mode)
     mesh.reset_counters()  # from here on every node is in the new mode
     time.sleep(3.0)
@@ -131,18 +130,6 @@ def all_pairs_up(mesh: Mesh) -> bool:
     return True
 
 
-def guarded(node: Node) -> bool:
-    return "OVERLAY-VICI" in node.run(["iptables-legacy-save"]).stdout
-
-
-def our_policies(node: Node) -> list[str]:
-    """`ip xfrm policy` entries but charon's per-socket bypasses for IKE, which belong to its
-    sockets (they go with charon) and carry no traffic of ours."""
-    text = node.run(["ip", "xfrm", "policy"]).stdout
-    blocks = re.split(r"\n(?=src )", text.strip())
-    return [b for b in blocks if b and not re.search(r"^\s+socket (in|out) ", b, re.M)]
-
-
 def test_enable_then_disable_under_traffic(mesh4: tuple[Mesh, LocalMaster]) -> None:
     mesh, master = mesh4
     for node in mesh.nodes:
@@ -151,13 +138,12 @@ def test_enable_then_disable_under_traffic(mesh4: tuple[Mesh, LocalMaster]) -> N
     enabled = cutover(mesh, master, "on", "on")
     assert_within_one_second(enabled)
     assert all_pairs_up(mesh)
-    assert all(guarded(node) for node in mesh.nodes)
+    assert all(node.guarded() for node in mesh.nodes)
     assert enabled["plaintext_after"] == 0, enabled
 
     disabled = cutover(mesh, master, "off", "off")
     assert_within_one_second(disabled)
     for node in mesh.nodes:
         assert loaded(node) == (set(), set())
-        assert node.run(["ip", "xfrm", "state"]).stdout.strip() == ""
-        assert our_policies(node) == [], node.name
-        assert not guarded(node)
+        assert node.xfrm_left() == [], node.name
+        assert not node.guarded()
