@@ -127,7 +127,9 @@ def switch_off(mesh: Mesh, master: LocalMaster) -> bool:
     """The cluster-wide switch off under traffic: every node at one moment, nothing left."""
     pinger = mesh.pinger()
     pinger.start()
-    subprocess.run([AGENT, "encryption", "off", "--local", str(master.state)], check=True)
+    subprocess.run(
+        [AGENT, "encryption", "off", "--local", str(master.state)], check=True, capture_output=True
+    )
     at = wait_for("the master to schedule the switch", lambda: master.keyring().encryption.at)
     lead = at - time.time()
     for node in mesh.nodes:

@@ -147,3 +147,32 @@ def test_enable_then_disable_under_traffic(mesh4: tuple[Mesh, LocalMaster]) -> N
         assert loaded(node) == (set(), set())
         assert node.xfrm_left() == [], node.name
         assert not node.guarded()
+
+
+def test_a_fresh_install_is_a_cutover_too(tmp_path: Path) -> None:
+    """The master's first keyring, asked for on (as the deployed settings ask), announces the
+    switch: the agents a rollout starts one by one get ready, none drops the traffic of a
+    node not started yet, and only once all are ready does every node enforce."""
+    with Mesh(4, tmp_path) as mesh, LocalMaster(mesh, ["--tick", "0.5"]) as master:
+        switch(master, "on")
+        mesh.install_ipip_counters()
+        pinger = Pinger(mesh.nodes, mesh.workdir / "ping-install")
+        pinger.start()
+        master.start()
+        cluster = Cluster(mesh, FAST, keys=LocalMaster.keys)
+        for node in mesh.nodes:  # a DaemonSet rollout, one node after the other
+            cluster.start(node)
+            time.sleep(1.0)
+        wait_mode(mesh.nodes, "on")
+        mesh.reset_counters()
+        time.sleep(3.0)
+        stats: dict[tuple[str, str], PairStats] = pinger.stop()
+        counters = mesh.read_counters()
+        assert all_pairs_up(mesh) and all(node.guarded() for node in mesh.nodes)
+        scheduled = master.events("encryption switch scheduled")
+    lost = {f"{a}->{b}": s.lost for (a, b), s in stats.items()}
+    print(f"install: lost per pair {lost}, scheduled {scheduled}")
+    assert scheduled and scheduled[-1]["skipped"] == []  # every agent was waited for
+    assert all(s.sent > 0 for s in stats.values()), stats
+    assert all(n <= ONE_SECOND for n in lost.values()), lost
+    assert sum(c.plain_ipip for c in counters.values()) == 0, counters
