@@ -1,8 +1,8 @@
 """The guard's edge: run iptables-save / iptables-restore for the backend the host uses.
 
 The rules themselves are planned in overlay_vici/guard_plan.py. The guard is kernel state: it
-outlives the agent and charon, and only the disable (the switch, `remove_guard`, or an
-operator's `overlay-vici guard remove`) takes it away.
+outlives the agent and charon, and only the switch off (or an operator's
+`overlay-vici guard remove`) takes it away.
 """
 
 from __future__ import annotations
@@ -146,11 +146,6 @@ class Guard:
                 f"{restore} refused the guard ({_first_line(result.stderr)}); check that the "
                 "kernel has xt_policy and xt_comment, and CAP_NET_ADMIN"
             )
-
-
-def remove_guard(node: str = "", backend: str | None = None) -> bool:
-    """For the disable: take the guard away once no node encrypts any more."""
-    return Guard(node, backend).remove()
 
 
 def _first_line(text: str) -> str:
