@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "uml"))
 
 from cluster import AGENT, Cluster, LocalMaster, status, wait_for
-from mesh import Mesh, ping_once
+from mesh import Mesh, PairStats, ping_once
 
 NODES = 3
 
@@ -26,6 +26,16 @@ def say(title: str, body: str = "") -> None:
     print(f"\n== {title}", flush=True)
     if body:
         print(body.rstrip(), flush=True)
+
+
+def say_status(master: LocalMaster) -> None:
+    """`overlay-vici status --local`, as an operator would run it."""
+    command = [AGENT, "status", "--local", str(master.state)]
+    say("overlay-vici status", subprocess.run(command, capture_output=True, text=True).stdout)
+
+
+def sent_lost(stats: dict[tuple[str, str], PairStats]) -> str:
+    return f"{sum(s.sent for s in stats.values())}/{sum(s.lost for s in stats.values())}"
 
 
 def mesh_status(state: Path) -> dict:
@@ -66,30 +76,17 @@ def main() -> int:
 
         say(f"swanctl --list-sas on {first.name}", first.swanctl("--list-sas"))
 
-        mesh.install_ipip_counters()
-        capture = mesh.capture()
-        pinger = mesh.pinger()
-        pinger.start()
-        time.sleep(3)
-        stats = pinger.stop()
-        kinds = capture.stop()
-        counters = mesh.read_counters()
+        stats, kinds, counters = mesh.observe_traffic(3)
         say(
             "3 s of pod-to-pod pings between every pair, seen on the wire (bridge capture)",
             f"frames: {dict(kinds)}\n"
             f"plaintext IPIP received per node (kernel counter): "
             f"{ {n: c.plain_ipip for n, c in counters.items()} }\n"
             f"ESP received per node: { {n: c.esp for n, c in counters.items()} }\n"
-            f"pings sent/lost: {sum(s.sent for s in stats.values())}"
-            f"/{sum(s.lost for s in stats.values())}",
+            f"pings sent/lost: {sent_lost(stats)}",
         )
 
-        say(
-            "overlay-vici status",
-            subprocess.run(
-                [AGENT, "status", "--local", str(master.state)], capture_output=True, text=True
-            ).stdout,
-        )
+        say_status(master)
 
         before = mesh_status(master.state)["active_generation"]
         pinger = mesh.pinger()
@@ -109,15 +106,9 @@ def main() -> int:
         say(
             f"overlay-vici rotate: generation {before} -> "
             f"{mesh_status(master.state)['active_generation']} in {took:.1f} s under traffic",
-            f"pings sent/lost during the rotation: {sum(s.sent for s in stats.values())}"
-            f"/{sum(s.lost for s in stats.values())}",
+            f"pings sent/lost during the rotation: {sent_lost(stats)}",
         )
-        say(
-            "overlay-vici status",
-            subprocess.run(
-                [AGENT, "status", "--local", str(master.state)], capture_output=True, text=True
-            ).stdout,
-        )
+        say_status(master)
         ok = kinds["ipip"] == 0 and all(c.plain_ipip == 0 for c in counters.values())
         say("result", "encrypted: no plaintext IPIP on the wire" if ok else "PLAINTEXT IPIP SEEN")
         return 0 if ok and switch_off(mesh, master) else 1
@@ -143,8 +134,7 @@ def switch_off(mesh: Mesh, master: LocalMaster) -> bool:
     say(
         "overlay-vici encryption off (the master announces it, waits for every agent, then "
         f"schedules one moment, here {lead:.1f} s ahead)",
-        f"pings sent/lost across the switch: {sum(s.sent for s in stats.values())}"
-        f"/{sum(s.lost for s in stats.values())}\n"
+        f"pings sent/lost across the switch: {sent_lost(stats)}\n"
         f"XFRM states, policies and guard chains left per node: {left}",
     )
     return not any(left.values())

@@ -376,6 +376,19 @@ class Mesh:
     def pinger(self) -> Pinger:
         return Pinger(self.nodes, self.workdir / "ping")
 
+    def observe_traffic(
+        self, seconds: float
+    ) -> tuple[dict[tuple[str, str], PairStats], Counter[str], dict[str, Counters]]:
+        """Ping every pair for `seconds` with counters and a bridge capture on: what the pings
+        saw, which protocols crossed the wire, and what each node received."""
+        self.install_ipip_counters()
+        capture = self.capture()
+        pinger = self.pinger()
+        pinger.start()
+        time.sleep(seconds)
+        stats = pinger.stop()
+        return stats, capture.stop(), self.read_counters()
+
     def capture(self) -> Capture:
         """Start tcpdump on the bridge; stop() tells which protocols crossed it."""
         capture = Capture(self.workdir / f"capture-{len(self._captures)}.pcap")

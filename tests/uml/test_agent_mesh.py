@@ -67,14 +67,7 @@ def test_every_pair_encrypted_and_only_ipip(tmp_path: Path, nodes: int) -> None:
         warm_up(mesh)
         for node in mesh.nodes:
             assert_ipip_only_sas(node, [p for p in mesh.nodes if p is not node])
-        mesh.install_ipip_counters()
-        capture = mesh.capture()
-        pinger = mesh.pinger()
-        pinger.start()
-        time.sleep(3)
-        stats = pinger.stop()
-        kinds = capture.stop()
-        counters = mesh.read_counters()
+        stats, kinds, counters = mesh.observe_traffic(3)
         # Node-to-node traffic that is not IPIP must stay out of IPsec: no ESP for it.
         underlay = ping_once(mesh.nodes[0], mesh.nodes[1], count=3, underlay=True)
         after = mesh.read_counters()
