@@ -137,6 +137,18 @@ class PairStats:
         return self.sent - self.received
 
 
+def shortfalls(
+    stats: dict[tuple[str, str], PairStats], *, min_sent: int = 1, max_lost: int = 0
+) -> dict[str, PairStats]:
+    """The pairs that sent too few probes or lost too many, by name: an assertion's message
+    that pytest does not truncate to the first few pairs."""
+    return {
+        f"{src}->{dst}": s
+        for (src, dst), s in stats.items()
+        if s.sent < min_sent or s.lost > max_lost
+    }
+
+
 class Node:
     """One Kubernetes node: a network namespace, the processes started in it and its charon."""
 
