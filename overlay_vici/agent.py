@@ -8,7 +8,9 @@ The keyring's encryption switch gives the mode (keyring.Encryption.mode): 'on' k
 guard and trapped connections; 'prepare' loads keys and connections without traps and
 brings the SAs up, so that at the moment every pair is already encrypted and nothing but
 the enforcement (traps, guard) changes; 'off' unloads everything and removes the guard.
-The mode changes at the keyring's moment, read from this node's clock.
+The mode changes at the keyring's moment, read from this node's clock. A removal notice
+(removal.py: the install is being deleted) switches this node off at once, whatever the
+keyring says.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from overlay_vici.files import (
 from overlay_vici.keyring import Keyring, KeyringError, loads
 from overlay_vici.netfilter import Guard, GuardError
 from overlay_vici.plan import Command, Desired, plan
+from overlay_vici.removal import read_notice
 from overlay_vici.render import (
     Settings,
     SettingsError,
@@ -68,6 +71,8 @@ class AgentConfig:
     reauth_grace: float = 30.0
     # The fail-closed guard (netfilter); None leaves netfilter alone (tests on the host).
     guard: Guard | None = None
+    # Written by the report-lease container when the agent DaemonSet is deleted (removal.py).
+    removal_notice: Path | None = None
     # Called after every step with the agent and the step's duration (the metrics).
     on_step: Callable[[Agent, float], None] | None = None
 
@@ -102,6 +107,7 @@ class Agent:
         self._switch_ids: frozenset[str] | None = None
         self._capture_switch_ids = False
         self.mode: str | None = None  # the mode charon was last brought to
+        self.removed_at: float | None = None  # when the install's removal was noticed
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
@@ -120,19 +126,34 @@ class Agent:
             while not stop.is_set():
                 watcher.changed.clear()
                 # A deadline, not a count of short waits: the switch's moment is kept to the
-                # tick even on a slow CPU. Short waits still notice a dropped charon.
+                # tick even on a slow CPU. Short waits still notice a dropped charon and a
+                # removal notice (a stat: watchdog pairs renames only after half a second).
                 deadline = time.monotonic() + self.step()
-                while not (stop.is_set() or watcher.changed.is_set() or self.charon.dropped()):
+                while not (
+                    stop.is_set()
+                    or watcher.changed.is_set()
+                    or self.charon.dropped()
+                    or self._removal_changed()
+                ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     watcher.changed.wait(min(0.1, remaining))
+        if self._removal_changed():
+            # Stopped (SIGTERM) before acting on the removal: this pass still removes the
+            # guard, or the node would drop its IPIP with no agent left to undo it.
+            self.step()
         self.charon.close()
+
+    def _removal_changed(self) -> bool:
+        notice = self.config.removal_notice
+        return notice is not None and notice.exists() != (self.removed_at is not None)
 
     def step(self) -> float:
         """One reconcile pass; returns how long until the next one is due."""
         started = time.monotonic()
         self._reported, self._errors = set(self._errors), []
+        self._note_removal()
         self._refresh_desired()
         wait = self.config.resync_seconds
         if self.desired is not None:
@@ -200,8 +221,23 @@ class Agent:
             switch_at=keyring.encryption.at,
         )
 
+    def _note_removal(self) -> None:
+        if self.config.removal_notice is None:
+            return
+        removed_at = read_notice(self.config.removal_notice)
+        if removed_at != self.removed_at:
+            log.warning(
+                "install removal noticed" if removed_at else "install removal withdrawn",
+                node=self.config.node,
+                at=removed_at,
+            )
+        self.removed_at = removed_at
+
     def _mode(self, keyring: Keyring) -> str:
-        """A node outside the mesh is off whatever the switch says."""
+        """A node outside the mesh, or whose install is being removed, is off whatever the
+        switch says."""
+        if self.removed_at is not None:
+            return "off"
         if any(node.name == self.config.node for node in keyring.outside):
             return "off"
         return keyring.encryption.mode(time.time())
@@ -261,7 +297,8 @@ class Agent:
         until then they carry the traffic, so that switching off loses nothing."""
         self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
         self.stale = []
-        settle = (keyring.encryption.at or 0.0) + OFF_SETTLE - time.time()
+        since = self.removed_at if self.removed_at is not None else keyring.encryption.at
+        settle = (since or 0.0) + OFF_SETTLE - time.time()
         if settle > 0:
             return min(settle, self.config.resync_seconds)
         for sa in self.sas:
@@ -426,6 +463,7 @@ class Agent:
             else {},
             "encryption": self.mode,
             "switch_at": applied.encryption.at if applied else None,
+            "removed_at": self.removed_at,
             "peers_expected": len(self.desired.target.messages.conns) if self.desired else 0,
             "peers_up": len(up),
             "ike_sas": len(self.sas),

@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="iptables backend for the guard (default: $FELIX_IPTABLESBACKEND, else the one "
         "holding the host's rules, as Calico picks it)",
     )
+    agent.add_argument(
+        "--removal-notice",
+        type=Path,
+        metavar="FILE",
+        help="switch this node off while this file exists: report-lease writes it when the "
+        "agent DaemonSet is deleted (kubectl delete -f), never on a rolling update",
+    )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     _add_metrics(agent, 9541)
     _add_settings(agent)
@@ -358,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report-lease",
         help="copy an agent's status report into its Lease (its acknowledgement and heartbeat)",
         description="Run beside the agent: copy its --status report into the Lease "
-        "overlay-vici-agent-NODE, which the master reads. Standard library only.",
+        "overlay-vici-agent-NODE, which the master reads. With --daemonset, also watch the "
+        "agent DaemonSet and write --removal-notice when it is deleted, so that the agent "
+        "switches its node off (kubectl delete -f). Standard library only.",
     )
     lease.add_argument("--node", required=True, help="this node's name")
     lease.add_argument("--status", required=True, type=Path, metavar="FILE", help="agent's report")
@@ -369,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         metavar="DURATION",
         help="renew at least this often while the agent reports (default 20s)",
+    )
+    lease.add_argument(
+        "--daemonset",
+        metavar="NAME",
+        help="the agent DaemonSet, in --namespace: its deletion writes --removal-notice",
+    )
+    lease.add_argument(
+        "--removal-notice",
+        type=Path,
+        metavar="FILE",
+        help="the file the agent's --removal-notice reads (required with --daemonset)",
     )
     lease.add_argument("--server", metavar="URL", help="API server (default: in-cluster)")
     lease.add_argument("--token-file", type=Path, metavar="FILE", help=argparse.SUPPRESS)
@@ -481,6 +501,7 @@ def _agent(args: argparse.Namespace) -> int:
         reauth_jitter=args.reauth_jitter,
         reauth_grace=args.reauth_grace,
         guard=None if args.no_guard else Guard(args.node, args.iptables_backend),
+        removal_notice=args.removal_notice,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -750,7 +771,15 @@ def _report_lease(args: argparse.Namespace) -> int:
         if args.server
         else ApiServer.in_cluster()
     )
-    reporter = LeaseReporter(api, _namespace(args), args.node)
+    if (args.daemonset is None) != (args.removal_notice is None):
+        raise ValueError("--daemonset and --removal-notice go together; pass both or neither")
+    namespace, stop = _namespace(args), _stop_event()
+    reporter = LeaseReporter(api, namespace, args.node)
     log.info("lease reporter starting", node=args.node, status=str(args.status))
-    run_reporter(reporter, args.status, _stop_event(), heartbeat=args.heartbeat)
+    if args.daemonset:
+        from overlay_vici.removal import RemovalWatch
+
+        watch = RemovalWatch(api, namespace, args.daemonset, args.removal_notice, args.node)
+        threading.Thread(target=watch.run, args=(stop,), daemon=True).start()
+    run_reporter(reporter, args.status, stop, heartbeat=args.heartbeat)
     return 0

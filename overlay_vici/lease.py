@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,14 +72,24 @@ class ApiServer:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JSON request; an HTTP error raises urllib.error.HTTPError (code in .code)."""
+        with self._open(method, path, body, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stream(self, path: str, timeout: float) -> Iterator[dict[str, Any]]:
+        """A watch: one JSON event per line until the server ends it."""
+        with self._open("GET", path, None, timeout) as response:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+
+    def _open(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> Any:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if self.token_file:  # re-read every time: bound service-account tokens rotate
             headers["Authorization"] = f"Bearer {self.token_file.read_text().strip()}"
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data, headers, method=method)
         context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
-        with urllib.request.urlopen(req, timeout=10, context=context) as response:
-            return json.loads(response.read())
+        return urllib.request.urlopen(req, timeout=timeout, context=context)
 
 
 def in_cluster_namespace() -> str | None:

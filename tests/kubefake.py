@@ -1,16 +1,22 @@
 """A small in-process kube-apiserver for tests: the subset the master and agents use.
 
-Nodes (cluster-scoped), Secrets, Leases and core/v1 Events (namespaced), over real HTTP on
-127.0.0.1 so that the official `kubernetes` client talks to it unmodified. What it keeps of
-the real semantics: a global resourceVersion; 409 Conflict on a PUT whose resourceVersion is
-stale and on a POST of an existing name; 404; labelSelector (k=v, k!=v, k, !k); watch with
-resourceVersion and timeoutSeconds, chunked JSON lines, and a 410 Gone ERROR event for a
-resourceVersion older than the retained history (`compact()` drops it). On a write: 400 if
-the body's namespace is not the URL's, 422 without a name (generateName gets a random
-suffix), and for Events the API server's own validation of core/v1 Events
-(legacyValidateEvent: the involved object's namespace must be the Event's, or empty only
-for an Event in "default"; with an eventTime, reportingController, reportingInstance,
-action and reason are required), each as a 422 Invalid Status.
+Nodes (cluster-scoped), Secrets, Leases, DaemonSets and core/v1 Events (namespaced), over
+real HTTP on 127.0.0.1 so that the official `kubernetes` client talks to it unmodified.
+What it keeps of the real semantics:
+- a global resourceVersion; 409 Conflict on a PUT whose resourceVersion is stale and on a
+  POST of an existing name; 404;
+- labelSelector (k=v, k!=v, k, !k); fieldSelector on metadata.name and metadata.namespace
+  (400 for any other field, as the real server answers for most kinds);
+- watch with resourceVersion and timeoutSeconds, chunked JSON lines, and a 410 Gone ERROR
+  event for a resourceVersion older than the retained history (`compact()` drops it);
+- DELETE with DeleteOptions.propagationPolicy as a watch sees it: Background (the default)
+  deletes at once; Foreground and Orphan first set deletionTimestamp and their finalizer
+  (MODIFIED), then, the garbage collector's part done, drop it and delete (DELETED);
+- on a write: 400 if the body's namespace is not the URL's, 422 without a name
+  (generateName gets a random suffix), and for Events the API server's own validation of
+  core/v1 Events (legacyValidateEvent: the involved object's namespace must be the Event's,
+  or empty only for an Event in "default"; with an eventTime, reportingController,
+  reportingInstance, action and reason are required), each as a 422 Invalid Status.
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ ROUTES = [
         "leases",
         "coordination.k8s.io/v1",
         "Lease",
+        True,
+    ),
+    (
+        re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/daemonsets(?:/([^/]+))?$"),
+        "daemonsets",
+        "apps/v1",
+        "DaemonSet",
         True,
     ),
     (
@@ -133,6 +146,26 @@ def matches(selector: str | None, labels: dict[str, str]) -> bool:
     return True
 
 
+FIELDS = {"metadata.name": "name", "metadata.namespace": "namespace"}
+
+
+def field_terms(selector: str | None) -> list[tuple[str, str, bool]]:
+    """(metadata key, value, equal) per term; ValueError names an unsupported field."""
+    terms = []
+    for term in filter(None, (selector or "").split(",")):
+        equal = "!=" not in term
+        field, value = term.replace("!=", "=").replace("==", "=").split("=", 1)
+        if field.strip() not in FIELDS:
+            raise ValueError(f'field label not supported: "{field.strip()}"')
+        terms.append((FIELDS[field.strip()], value.strip(), equal))
+    return terms
+
+
+def fields_match(terms: list[tuple[str, str, bool]], obj: dict[str, Any]) -> bool:
+    meta = obj.get("metadata") or {}
+    return all((meta.get(key, "") == value) == equal for key, value, equal in terms)
+
+
 class FakeKube:
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.RLock())
@@ -167,12 +200,26 @@ class FakeKube:
             exists = (resource, ns, obj["metadata"]["name"]) in self.objects
             return self._store(resource, ns, obj, "MODIFIED" if exists else "ADDED")
 
-    def delete(self, resource: str, name: str, ns: str = "") -> dict[str, Any] | None:
+    def delete(
+        self, resource: str, name: str, ns: str = "", policy: str = "Background"
+    ) -> dict[str, Any] | None:
+        """Foreground and Orphan pass through a MODIFIED with deletionTimestamp and their
+        finalizer first; the garbage collector then drops it, which deletes the object."""
         with self.cond:
-            obj = self.objects.pop((resource, ns, name), None)
-            if obj is not None:
-                self.rv += 1
-                self._event(resource, ns, "DELETED", obj)
+            obj = self.objects.get((resource, ns, name))
+            if obj is None:
+                return None
+            finalizer = {"Foreground": "foregroundDeletion", "Orphan": "orphan"}.get(policy)
+            if finalizer:
+                meta = obj["metadata"]
+                meta["deletionTimestamp"] = _now()
+                meta["finalizers"] = [*meta.get("finalizers", []), finalizer]
+                self._store(resource, ns, obj, "MODIFIED")
+                meta["finalizers"].remove(finalizer)
+            del self.objects[resource, ns, name]
+            self.rv += 1
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            self._event(resource, ns, "DELETED", obj)
             return obj
 
     def node(self, name: str, ip: str | None, labels: dict[str, str] | None = None) -> None:
@@ -261,8 +308,12 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     )
                 return self._send(200, obj)
             selector = query.get("labelSelector", [None])[0]
+            try:
+                fields = field_terms(query.get("fieldSelector", [None])[0])
+            except ValueError as exc:
+                return self._send(400, status(400, "BadRequest", str(exc)))
             if query.get("watch", ["false"])[0] in ("true", "1"):
-                return self._watch(resource, ns, selector, query)
+                return self._watch(resource, ns, selector, fields, query)
             with kube.cond:
                 items = [
                     o
@@ -270,6 +321,7 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     if r == resource
                     and n == ns
                     and matches(selector, o["metadata"].get("labels") or {})
+                    and fields_match(fields, o)
                 ]
                 body = {
                     "kind": "List",
@@ -279,7 +331,14 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                 }
                 self._send(200, json.loads(json.dumps(body)))
 
-        def _watch(self, resource: str, ns: str, selector: str | None, query: dict) -> None:
+        def _watch(
+            self,
+            resource: str,
+            ns: str,
+            selector: str | None,
+            fields: list[tuple[str, str, bool]],
+            query: dict,
+        ) -> None:
             since = int(query.get("resourceVersion", ["0"])[0] or 0)
             deadline = time.monotonic() + float(query.get("timeoutSeconds", ["30"])[0])
             self.send_response(200)
@@ -293,13 +352,19 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     return self._chunk(None)
                 if not since:  # like the real server: the current state first, as ADDED
                     for (r, n, _), obj in sorted(kube.objects.items()):
-                        if r == resource and n == ns:
+                        if r == resource and n == ns and fields_match(fields, obj):
                             self._chunk({"type": "ADDED", "object": obj})
                     since = kube.rv
                 while (left := deadline - time.monotonic()) > 0:
                     for rv, r, n, kind, obj in kube.events:
                         labels = obj["metadata"].get("labels") or {}
-                        if rv > since and r == resource and n == ns and matches(selector, labels):
+                        if (
+                            rv > since
+                            and r == resource
+                            and n == ns
+                            and matches(selector, labels)
+                            and fields_match(fields, obj)
+                        ):
                             self._chunk({"type": kind, "object": obj})
                     since = kube.rv
                     kube.cond.wait(min(left, 0.5))
@@ -375,8 +440,10 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
             route = self._route()
             if route is None:
                 return
-            resource, ns, name, _ = route
-            obj = kube.delete(resource, name or "", ns)
+            resource, ns, name, query = route
+            options = self._body() if int(self.headers.get("Content-Length") or 0) else {}
+            policy = options.get("propagationPolicy") or query.get("propagationPolicy", [""])[0]
+            obj = kube.delete(resource, name or "", ns, policy or "Background")
             if obj is None:
                 return self._send(404, status(404, "NotFound", f'{resource} "{name}" not found'))
             self._send(200, obj)

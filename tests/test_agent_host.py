@@ -32,7 +32,7 @@ from keyring_fixtures import build_keyring, node_ip
 
 from overlay_vici.agent import Agent, AgentConfig
 from overlay_vici.charon import Charon
-from overlay_vici.files import KEYRING_FILE, publish_secret
+from overlay_vici.files import KEYRING_FILE, publish_secret, write_json
 from overlay_vici.keyring import Encryption, Keyring, Peer, dumps
 from overlay_vici.render import Settings, conn_name, secret_id, strongswan_conf
 from overlay_vici.sa_plan import INITIATE_GRACE
@@ -389,6 +389,53 @@ def test_node_outside_the_mesh_loads_nothing(harness: Harness, charon: CharonPro
     harness.step()
     assert charon.state() == (set(), set())
     assert harness.agent.last_error is None and harness.status_doc()["encryption"] == "off"
+
+
+def test_a_removal_notice_switches_the_node_off_until_withdrawn(
+    harness: Harness, charon: CharonProcess, tmp_path: Path
+) -> None:
+    """report-lease writes the notice when the DaemonSet is deleted (kubectl delete -f):
+    Agent.run() wakes on it, unloads everything whatever the keyring says, and loads it all
+    again if the notice goes (the DaemonSet came back)."""
+    notice = tmp_path / "run" / "removed.json"
+    agent = Agent(replace(harness.agent.config, removal_notice=notice), harness.charon)
+    keyring = build_keyring(4)
+    harness.publish(keyring)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert _eventually(lambda: charon.state() == expected(keyring), 5)
+        written = time.time()
+        write_json(notice, {"at": written, "daemonset": "overlay-vici-agent"})
+        assert _eventually(lambda: charon.state() == (set(), set()), 5)  # resync is 60 s
+        status = harness.status_doc()
+        assert status["encryption"] == "off" and status["removed_at"] == written
+        assert status["last_error"] is None
+        notice.unlink()
+        assert _eventually(lambda: charon.state() == expected(keyring), 5)
+        assert harness.status_doc()["removed_at"] is None
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def test_an_agent_stopped_before_it_saw_the_notice_still_acts_on_it(
+    harness: Harness, charon: CharonProcess, tmp_path: Path
+) -> None:
+    """kubelet's SIGTERM can beat the agent's look at a fresh notice: the last pass on the
+    way out removes the guard and unloads, or nothing would ever undo the guard."""
+    keyring = build_keyring(4)
+    harness.publish(keyring)
+    harness.step()
+    assert charon.state() == expected(keyring)
+    notice = tmp_path / "removed.json"
+    write_json(notice, {"at": time.time(), "daemonset": "overlay-vici-agent"})
+    stopped = threading.Event()
+    stopped.set()
+    Agent(replace(harness.agent.config, removal_notice=notice), harness.charon).run(stopped)
+    assert charon.state() == (set(), set())
+    assert harness.status_doc()["encryption"] == "off"
 
 
 def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -> None:

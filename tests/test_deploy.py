@@ -63,6 +63,11 @@ RBAC = {
         for v in ("get", "create", "update")
     },
     ("overlay-vici-agent", NAMESPACE, "", "events", ANY, "create"),
+    # report-lease's watch of its own DaemonSet (removal.py), by name only.
+    *{
+        ("overlay-vici-agent", NAMESPACE, "apps", "daemonsets", "overlay-vici-agent", v)
+        for v in ("list", "watch")
+    },
 }
 # What the downward API would give, for expanding $(VAR) in the containers' args.
 FIELD_VALUES = {
@@ -295,6 +300,23 @@ def test_the_agent_and_charon_share_the_socket_directory_and_flags() -> None:
     ]  # fmt: skip
     probe = charon["livenessProbe"]["exec"]["command"]
     assert probe == ["swanctl", "--stats", "--uri", "unix:///run/overlay-vici/charon.vici"]
+
+
+def test_report_lease_tells_the_agent_when_its_own_daemonset_is_deleted() -> None:
+    """kubectl delete -f switches the nodes off only if report-lease watches this very
+    DaemonSet and writes the notice where the agent reads it, in the directory both mount."""
+    daemonset = the("DaemonSet")
+    parser = build_parser()
+    agent, lease = (
+        parser.parse_args(expand(c["args"], env_values(c)))
+        for c in (container(daemonset, "agent"), container(daemonset, "report-lease"))
+    )
+    assert lease.daemonset == daemonset["metadata"]["name"]
+    assert lease.removal_notice == agent.removal_notice
+    assert lease.removal_notice.parent == Path("/run/overlay-vici")
+    for name in ("agent", "report-lease"):
+        mounts = container(daemonset, name)["volumeMounts"]
+        assert {"name": "run", "mountPath": "/run/overlay-vici"} in mounts, name
 
 
 def test_the_key_secret_is_mounted_read_only_with_mode_0400_into_the_agent_only() -> None:

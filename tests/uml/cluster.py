@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,9 +47,11 @@ class Cluster:
         mesh: Mesh,
         agent_args: Sequence[str] = (),
         keys: Callable[[Node], Path] | None = None,
+        node_args: Callable[[Node], Sequence[str]] = lambda node: (),
     ) -> None:
         self.mesh = mesh
         self.agent_args = list(agent_args)
+        self.node_args = node_args  # agent flags that name the node's own files
         self.keys = keys or keys_dir  # where each node's agent reads its Secret
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.keyring: kr.Keyring | None = None
@@ -77,6 +80,7 @@ class Cluster:
                 "--conf-out",
                 str(node.dir / "swanctl.conf"),
                 *self.agent_args,
+                *self.node_args(node),
             ],
             node.dir / "agent.log",
         )
@@ -229,3 +233,15 @@ class LocalMaster:
         lines = self.log.read_text().splitlines()
         entries = [json.loads(line) for line in lines if line.startswith("{")]
         return [e for e in entries if event is None or e.get("event") == event]
+
+
+def mode_changes(node: Node, mode: str) -> list[float]:
+    """When the agent entered `mode`, from its log (epoch seconds, millisecond resolution)."""
+    times = []
+    for line in (node.dir / "agent.log").read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("event") == "encryption mode" and entry.get("mode") == mode:
+            times.append(datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp())
+    return times

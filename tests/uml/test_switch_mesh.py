@@ -11,15 +11,13 @@ and nothing of ours left in `ip xfrm`, charon or netfilter once every node is of
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
-from cluster import AGENT, Cluster, LocalMaster, loaded, sa_blocks, status, wait_for
+from cluster import AGENT, Cluster, LocalMaster, loaded, mode_changes, sa_blocks, status, wait_for
 from mesh import Mesh, Node, PairStats, Pinger
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
@@ -55,18 +53,6 @@ def wait_mode(nodes: list[Node], mode: str, timeout: float = 90) -> None:
             timeout,
             interval=0.2,
         )
-
-
-def mode_changes(node: Node, mode: str) -> list[float]:
-    """When the agent entered `mode`, from its log (epoch seconds, millisecond resolution)."""
-    times = []
-    for line in (node.dir / "agent.log").read_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        entry = json.loads(line)
-        if entry.get("event") == "encryption mode" and entry.get("mode") == mode:
-            times.append(datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp())
-    return times
 
 
 def cutover(mesh: Mesh, master: LocalMaster, state: str, mode: str) -> dict[str, object]:
