@@ -396,7 +396,12 @@ class Agent:
         self.stale = decided.stale
         for sa in decided.reauthenticate:
             self._reauth_issued[sa.unique_id] = now
-            self._act(self.charon.reauthenticate, "reauthenticating", sa)
+            self._act(self._reauthenticate, "reauthenticating", sa)
+        for sa in decided.retire:
+            if sa.child_ids:
+                self._act(self._close_children, "closing the replaced CHILD_SAs", sa)
+            else:
+                self._act(self._terminate_now, "closing the replaced IKE_SA", sa)
         for sa in decided.terminate:
             self._act(self._terminate_now, "closing duplicate IKE_SA", sa)
         for sa in decided.moved:
@@ -405,11 +410,14 @@ class Agent:
             self._act(self._terminate_now, "closing IKE_SA its peer no longer has", sa)
         return decided.wait
 
-    def _initiate(self, conn: str) -> None:
+    def _child_name(self, conn: str) -> str:
         desired = self.desired.target.messages.conns.get(conn) if self.desired else None
-        if desired is None:
+        return next(iter(desired[conn].get("children", {})), "") if desired else ""
+
+    def _initiate(self, conn: str) -> None:
+        child = self._child_name(conn)
+        if not child:
             return
-        child = next(iter(desired[conn].get("children", {})), "")
         try:
             self.charon.initiate(conn, child)
         except CharonCommandError as exc:
@@ -417,14 +425,20 @@ class Agent:
             return
         log.info("initiating, no IKE_SA came up", node=self.config.node, peer=conn)
 
-    def _terminate_now(self, ike_unique_id: str) -> None:
+    def _reauthenticate(self, sa: IkeSa) -> None:
+        self.charon.reauthenticate(sa.unique_id, sa.conn, self._child_name(sa.conn))
+
+    def _close_children(self, sa: IkeSa) -> None:
+        self.charon.close_children(sa.child_ids)
+
+    def _terminate_now(self, sa: IkeSa) -> None:
         """Send the DELETE but do not wait for the answer: the SA may be one its peer no
         longer has, whose CHILD_SA would swallow traffic until the retransmits give up."""
-        self.charon.terminate(ike_unique_id, force=True)
+        self.charon.terminate(sa.unique_id, force=True)
 
-    def _act(self, action: Callable[[str], None], event: str, sa: IkeSa) -> None:
+    def _act(self, action: Callable[[IkeSa], None], event: str, sa: IkeSa) -> None:
         try:
-            action(sa.unique_id)
+            action(sa)
         except CharonCommandError as exc:
             self._fail(
                 f"{event} failed",

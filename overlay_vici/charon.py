@@ -141,13 +141,25 @@ class Charon:
                             (int(c["use-in"]) for c in children.values() if "use-in" in c),
                             default=None,
                         ),
+                        child_ids=tuple(
+                            _text(c.get("uniqueid", b""))
+                            for c in children.values()
+                            if _text(c.get("state", b"")) == "INSTALLED"
+                        ),
                     )
                 )
         return result
 
-    def reauthenticate(self, ike_unique_id: str) -> None:
-        self.request("rekey", {"ike-id": ike_unique_id, "reauth": "yes"})
+    def reauthenticate(self, ike_unique_id: str, conn: str, child: str) -> None:
+        """Start a new IKE_SA for the connection beside the stale one (strongswan.conf has
+        reuse_ikesa = no); the agent retires the stale one later (sa_plan.plan_sas)."""
+        self.initiate(conn, child)
         self.reauth_requested.append(ike_unique_id)
+
+    def close_children(self, child_ids: tuple[str, ...]) -> None:
+        """Delete CHILD_SAs; returns at once, charon completes each exchange."""
+        for child_id in child_ids:
+            self.request("terminate", {"child-id": child_id, "timeout": "-1"})
 
     def initiate(self, conn: str, child: str) -> None:
         """Bring a connection up; returns at once (timeout -1), the trap stays as a fallback."""

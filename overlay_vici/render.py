@@ -11,6 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from ipaddress import ip_address
 from pathlib import Path
 
 import jinja2
@@ -63,6 +64,16 @@ class Settings:
 
 
 SECRET_PREFIX = f"ike-{CONN_PREFIX}"  # swanctl takes a secret's type from its name prefix
+# Kernel policy priority of a pair's CHILD_SAs (the lower wins; strongSwan points the policy
+# at the SA whose priority is lowest, the newest on a tie). At a make-before-break
+# reauthentication the responder installs the new SA before it answers, and would send on
+# it at once, before the initiator has it inbound: that gap lost a probe now and then. The
+# lower-IP end reauthenticates (sa_plan); the higher-IP end, the responder, gives each new
+# key generation a worse priority, so that it keeps sending on the old SA until the old
+# IKE_SA is deleted, when both ends hold the new one. The initiator's stays the same: its
+# new SA wins at once, and the responder installed that one before answering. Low values:
+# ahead of the sizes strongSwan computes for any other policy on these addresses.
+POLICY_PRIORITY = 1000
 
 
 def conn_name(peer_name: str) -> str:
@@ -81,6 +92,13 @@ def is_owned_conn(name: str) -> bool:
 
 def is_owned_secret(key_id: str) -> bool:
     return key_id.startswith(SECRET_PREFIX)
+
+
+def policy_priority(keyring: Keyring, node: Peer, peer: Peer) -> int:
+    """See POLICY_PRIORITY: worse with every generation on the reauthentication's responder."""
+    if ip_address(node.ip) < ip_address(peer.ip):
+        return POLICY_PRIORITY
+    return POLICY_PRIORITY + max(gen.id for gen in keyring.generations)
 
 
 def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
@@ -127,6 +145,7 @@ def swanctl_conf(
             "name": peer.name,
             "ip": peer.ip,
             "conn": conn_name(peer.name),
+            "priority": policy_priority(keyring, node, peer),
             "secrets": [
                 {
                     "id": secret_id(peer.name, gen.id),

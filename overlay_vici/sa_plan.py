@@ -33,6 +33,7 @@ class IkeSa:
     remote_host: str = ""
     # Seconds since a CHILD_SA of it last received a packet; None: none ever did.
     last_in_ago: int | None = None
+    child_ids: tuple[str, ...] = ()  # unique ids of its installed CHILD_SAs
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SaPlan:
     stale: list[IkeSa] = field(default_factory=list)
     reauthenticate: list[IkeSa] = field(default_factory=list)
     terminate: list[IkeSa] = field(default_factory=list)
+    # Stale IKE_SAs a fresh sibling replaces: their CHILD_SAs are closed first, then they.
+    retire: list[IkeSa] = field(default_factory=list)
     moved: list[IkeSa] = field(default_factory=list)  # on an address no longer the node's
     orphans: list[IkeSa] = field(default_factory=list)  # the peer no longer has them
     initiate: list[str] = field(default_factory=list)  # connection names
@@ -67,9 +70,18 @@ def plan_sas(
 ) -> SaPlan:
     """IKE_SAs authenticated before `sent_since` are stale and get reauthenticated, one per
     connection at a time (two at once can each refuse the other's new CHILD_SA as a
-    duplicate, leaving none). Duplicates from simultaneous initiation are dropped by the
-    lower-IP end, which keeps the one it initiated. A connection in `initiate_due` (name:
-    when) is initiated once due if it still has no IKE_SA in any state.
+    duplicate, leaving none). The agent makes before it breaks, in three steps so that no
+    packet is lost: a new IKE_SA beside the stale one (`reauthenticate`); once that carries
+    the pair, the stale one's CHILD_SAs closed, and then, childless, the stale IKE_SA
+    (`retire`). charon's own reauthentication deletes the old IKE_SA in one exchange, after
+    which the end that answered it kept sending on the old SA for an instant that the other
+    end had already deleted (render.POLICY_PRIORITY keeps the answering end on the old SA
+    until then). The peer deletes a CHILD_SA before it answers the DELETE, so it has moved to
+    the new SA before this end stops accepting the old one.
+
+    Duplicates from simultaneous initiation are dropped by the lower-IP end, which keeps the
+    one it initiated. A connection in `initiate_due` (name: when) is initiated once due if
+    it still has no IKE_SA in any state.
 
     `stale_ids`, the IKE_SAs charon held right after the new sent key was loaded, are
     exactly the stale ones when known. `established_ago` counts whole seconds, so without
@@ -112,9 +124,15 @@ def plan_sas(
         else:  # established_ago has whole seconds: count an SA from that second as stale
             stale = [sa for sa in group if now - sa.established_ago - 1 < sent_since]  # type: ignore[operator]
         result.stale += stale
-        if stale and leads and len(stale) < len(group):
-            # A fresh SA already carries the pair: the stale ones are duplicates to close.
-            result.terminate += stale
+        fresh = [sa for sa in group if sa not in stale]
+        # The lower-IP end retires; the other end only what replaced its own initiation
+        # (it stepped in for the lower end's agent, which is down).
+        retires = leads or any(sa.initiator for sa in fresh)
+        if stale and retires and any(sa.children_installed for sa in fresh):
+            result.retire += stale  # a fresh SA carries the pair
+            result.wait = min(result.wait, REAUTH_POLL)
+        elif stale and retires and fresh:
+            result.wait = min(result.wait, REAUTH_POLL)  # its CHILD_SA is on the way
         elif stale:
             _plan_reauth(result, stale, now, sent_since, leads, issued, timing)
         elif len(group) > 1 and leads:

@@ -57,6 +57,30 @@ def test_single_child_protects_ipencap_in_transport_mode_on_trap() -> None:
     assert child["dpd_action"] == "clear" and "close_action" not in child
 
 
+def test_the_reauthentication_responder_prefers_older_generations_sas() -> None:
+    """The higher-IP end answers the reauthentication: its CHILD_SA policy priority worsens
+    with the newest generation, so it keeps sending on the old SA until that is deleted. The
+    lower-IP end, which initiates, keeps one priority (its new SA wins at once)."""
+
+    def priorities(generations: tuple[int, ...]) -> dict[str, dict[str, int]]:
+        keyring = build_keyring(3, generations=generations)
+        return {
+            node: {
+                name: int(conn["children"]["ipip"]["priority"])
+                for name, conn in parse_settings(swanctl_conf(keyring, node, Settings()))[
+                    "connections"
+                ].items()
+            }
+            for node in ("node-0", "node-1", "node-2")
+        }
+
+    before, staged, retired = priorities((1,)), priorities((1, 2)), priorities((2,))
+    assert before["node-0"] == staged["node-0"] == {"ov-node-1": 1000, "ov-node-2": 1000}
+    assert before["node-1"] == {"ov-node-0": 1001, "ov-node-2": 1000}
+    assert staged["node-1"] == retired["node-1"] == {"ov-node-0": 1002, "ov-node-2": 1000}
+    assert staged["node-2"] == {"ov-node-0": 1002, "ov-node-1": 1002}
+
+
 def test_default_settings_are_the_security_baseline() -> None:
     """Defaults: AES-GCM-128 with X25519 for IKE and ESP, rekeying, no periodic reauth."""
     conn = rendered()["connections"]["ov-node-0"]

@@ -81,20 +81,32 @@ def test_connecting_sas_are_not_judged() -> None:
     assert decide([connecting], now).stale == []
 
 
-def test_stale_duplicates_beside_a_fresh_sa_are_closed_not_reauthenticated() -> None:
-    """Waiting for the other end's grace period would stall a rotation by 30 s."""
+def test_a_stale_sa_beside_a_fresh_one_is_retired_not_reauthenticated() -> None:
+    """The agent's make-before-break: once the new IKE_SA carries the pair, the stale one is
+    retired (its CHILD_SAs, then itself); waiting for the other end's grace period would
+    stall a rotation by 30 s."""
     now = SWITCH + 5
     fresh = sa("3", "ov-high", SWITCH + 2, now)
     stale = sa("2", "ov-high", SWITCH - 50, now, initiator=False)
     result = decide([fresh, stale], now)
-    assert result.terminate == [stale] and result.reauthenticate == []
-    # The higher end leaves that to the lower end.
-    assert (
-        decide(
-            [sa("3", "ov-low", SWITCH + 2, now), sa("2", "ov-low", SWITCH - 50, now)], now
-        ).terminate
-        == []
-    )
+    assert result.retire == [stale] and result.reauthenticate == [] and result.terminate == []
+    assert result.wait == REAUTH_POLL  # the next step closes the childless IKE_SA
+    # The higher end leaves that to the lower end, unless the fresh one is its own: it
+    # stepped in for the lower end (whose agent is down) and must not start another.
+    theirs = sa("3", "ov-low", SWITCH + 2, now, initiator=False)
+    assert decide([theirs, sa("2", "ov-low", SWITCH - 50, now)], now).retire == []
+    mine = sa("3", "ov-low", SWITCH + 40, now + 40)
+    stepped_in = decide([mine, sa("2", "ov-low", SWITCH - 50, now + 40)], now + 40)
+    assert [s.unique_id for s in stepped_in.retire] == ["2"] and not stepped_in.reauthenticate
+
+
+def test_a_stale_sa_is_kept_until_the_fresh_one_has_its_child_sa() -> None:
+    now = SWITCH + 5
+    fresh = IkeSa("3", "ov-high", "ESTABLISHED", 1, 0, True)
+    stale = sa("2", "ov-high", SWITCH - 50, now)
+    result = decide([fresh, stale], now)
+    assert result.retire == [] and result.reauthenticate == [] and result.terminate == []
+    assert result.wait == REAUTH_POLL
 
 
 def test_known_stale_ids_spare_an_sa_the_peer_made_just_after_the_switch() -> None:
