@@ -350,17 +350,25 @@ class Agent:
             self._fail("guard failed", str(exc))
 
     def _mark_applied(self, keyring: Keyring) -> None:
-        """Note when the sent generation changed: IKE_SAs older than that are stale."""
-        if self.applied is None:
+        """Note when the sent generation changed: IKE_SAs older than that are stale. The
+        master's moment where the keyring has one: the same on every node, so that the
+        IKE_SA the lower-IP end made after the switch is fresh at the other end too, however
+        late that end saw the switch (by its own moment it would reauthenticate it again)."""
+        switched = self.applied is not None and keyring.sent != self.applied.sent
+        if keyring.sent_since is not None:
+            self.sent_since = keyring.sent_since
+            self._switch_ids, self._capture_switch_ids = None, False
+        elif self.applied is None:
             previous = self._previous_status
             # SAs that predate this agent are current unless the record says the sent
             # generation changed meanwhile: an agent restart must not renegotiate them.
             changed = previous.get("sent_generation") not in (None, keyring.sent)
             self.sent_since = time.time() if changed else previous.get("sent_since") or 0.0
             self._capture_switch_ids = changed
-        elif keyring.sent != self.applied.sent:
+        elif switched:
             self.sent_since = time.time()
             self._capture_switch_ids = True
+        if switched:
             self._reauth_issued.clear()
             log.info("sent generation switched", node=self.config.node, sent=keyring.sent)
         self.applied = keyring

@@ -76,6 +76,9 @@ class Keyring:
     encryption: Encryption = Encryption()
     # Nodes outside the mesh (opted out): the only hosts IPIP may reach in plaintext.
     outside: tuple[Peer, ...] = ()
+    # When the master made `sent` the sent generation (its clock): IKE_SAs authenticated
+    # before are stale. One moment for every node, however late each saw the switch.
+    sent_since: float | None = None
 
     def generation(self, gen_id: int) -> Generation:
         return next(g for g in self.generations if g.id == gen_id)
@@ -114,6 +117,7 @@ def dumps(keyring: Keyring) -> str:
         "peers": [{"name": p.name, "ip": p.ip} for p in keyring.peers],
         "encryption": {"enabled": keyring.encryption.enabled, "at": keyring.encryption.at},
         "outside": [{"name": p.name, "ip": p.ip} for p in keyring.outside],
+        "sent_since": keyring.sent_since,
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
@@ -152,7 +156,19 @@ def loads(data: bytes | str) -> Keyring:
     outside = _peers(doc.get("outside", []), "outside")
     _unique([p.name for p in peers + outside], "node name")
     _unique([p.ip for p in peers + outside], "node IP")
-    return Keyring(serial, sent, generations, peers, _encryption(doc.get("encryption")), outside)
+    encryption = _encryption(doc.get("encryption"))
+    sent_since = _moment(doc.get("sent_since"), "sent_since")
+    return Keyring(serial, sent, generations, peers, encryption, outside, sent_since)
+
+
+def _moment(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e11:
+        raise KeyringError(
+            f"keyring field {name!r} must be epoch seconds or null, got {_show(value)}"
+        )
+    return float(value)
 
 
 def _encryption(raw: Any) -> Encryption:
@@ -164,14 +180,7 @@ def _encryption(raw: Any) -> Encryption:
             "keyring field 'encryption' must be an object with a boolean 'enabled'; "
             "republish the Secret from the master"
         )
-    at = raw.get("at")
-    if at is not None and (
-        not isinstance(at, int | float) or isinstance(at, bool) or not 0 <= at < 1e11
-    ):
-        raise KeyringError(
-            f"keyring field 'encryption.at' must be epoch seconds or null, got {_show(at)}"
-        )
-    return Encryption(raw["enabled"], None if at is None else float(at))
+    return Encryption(raw["enabled"], _moment(raw.get("at"), "encryption.at"))
 
 
 def _integer(doc: dict[str, Any], name: str) -> int:

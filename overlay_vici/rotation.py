@@ -378,6 +378,7 @@ def decide(
         )
 
     generations, sent = _normalise(keyring)
+    sent_since = keyring.sent_since
     peers, outside = keyring.peers, keyring.outside
     if nodes is not None:
         peers, skipped = desired_peers(nodes, keyring.peers)
@@ -429,7 +430,7 @@ def decide(
             nxt = PHASES[(PHASES.index(state.phase) + 1) % len(PHASES)]
             newest = max(g.id for g in generations)
             if nxt == "switch":
-                sent = newest
+                sent, sent_since = newest, now
             elif nxt == "retire":
                 generations = tuple(g for g in generations if g.id == sent)
             history = state.history
@@ -447,14 +448,17 @@ def decide(
             events.append((f"rotation phase {nxt}" if nxt != "idle" else "rotation done", fields))
 
     new_keyring = keyring
-    if (generations, sent, peers, switch, outside) != (
+    if (generations, sent, peers, switch, outside, sent_since) != (
         keyring.generations,
         keyring.sent,
         keyring.peers,
         keyring.encryption,
         keyring.outside,
+        keyring.sent_since,
     ):
-        new_keyring = kr.Keyring(keyring.serial + 1, sent, generations, peers, switch, outside)
+        new_keyring = kr.Keyring(
+            keyring.serial + 1, sent, generations, peers, switch, outside, sent_since
+        )
     if next_state.phase != state.phase:
         next_state = dataclasses.replace(next_state, phase_serial=new_keyring.serial)
         waiting = tuple(sorted(live)) if next_state.phase != "idle" else ()

@@ -14,6 +14,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 IP = IPv4Address | IPv6Address
 REAUTH_POLL = 2.0
 REAUTH_RETRY = 30.0  # a reauthentication not done by then (peer down?) is tried again
+# established_ago has whole seconds: an IKE_SA made this long after sent_since is surely
+# fresh, at both ends, so no reauthentication starts sooner.
+REAUTH_AFTER = 1.0
 # After loading a connection into a charon that did not hold it, the higher-IP end initiates
 # too, this long after the lower-IP end (which initiates at once), unless an IKE_SA exists
 # by then: a restarted charon's peers may still hold IKE_SAs with it that only its own
@@ -131,8 +134,10 @@ def plan_sas(
         if stale and retires and any(sa.children_installed for sa in fresh):
             result.retire += stale  # a fresh SA carries the pair
             result.wait = min(result.wait, REAUTH_POLL)
-        elif stale and retires and fresh:
-            result.wait = min(result.wait, REAUTH_POLL)  # its CHILD_SA is on the way
+        elif stale and fresh:
+            # A replacement is under way: its CHILD_SA is on the way, or its maker retires
+            # the stale one. Stepping in now would make a duplicate.
+            result.wait = min(result.wait, REAUTH_POLL)
         elif stale:
             _plan_reauth(result, stale, now, sent_since, leads, issued, timing)
         elif len(group) > 1 and leads:
@@ -150,7 +155,7 @@ def _plan_reauth(
     issued: dict[str, float],
     timing: Timing,
 ) -> None:
-    due = sent_since + timing.reauth_delay + (0 if leads else timing.reauth_grace)
+    due = sent_since + REAUTH_AFTER + timing.reauth_delay + (0 if leads else timing.reauth_grace)
     pending = any(now - issued.get(sa.unique_id, -REAUTH_RETRY) < REAUTH_RETRY for sa in stale)
     if pending or now < due:
         result.wait = min(result.wait, max(due - now, REAUTH_POLL))

@@ -438,6 +438,18 @@ def test_an_agent_stopped_before_it_saw_the_notice_still_acts_on_it(
     assert harness.status_doc()["encryption"] == "off"
 
 
+def test_stale_means_authenticated_before_the_masters_switch_moment(harness: Harness) -> None:
+    """An agent that sees the switch late still counts from the master's moment, so that it
+    does not reauthenticate again what its lower-IP peer made after the switch."""
+    keyring = build_keyring(3, generations=(1, 2), sent=1)
+    harness.publish(keyring)
+    harness.step()
+    moment = time.time() - 20  # the master switched 20 s before this agent saw it
+    harness.publish(replace(keyring, sent=2, serial=2, sent_since=moment))
+    harness.step()
+    assert harness.status_doc()["sent_since"] == moment
+
+
 def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -> None:
     """Switching sent 1 -> 2 resends every key (owners swap roles) and no connection."""
     harness.publish(build_keyring(4, generations=(1, 2), sent=1))

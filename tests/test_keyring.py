@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import re
 from typing import Any
@@ -40,6 +41,14 @@ def test_round_trip_is_identity_and_canonical() -> None:
     assert loads(text) == keyring
     assert loads(text.encode()) == keyring
     assert dumps(loads(text)) == text
+
+
+def test_the_switch_moment_round_trips_and_is_validated() -> None:
+    keyring = dataclasses.replace(build_keyring(3, generations=(1, 2), sent=2), sent_since=1.5e9)
+    assert loads(dumps(keyring)).sent_since == 1.5e9
+    assert loads(json.dumps({**valid_doc(), "sent_since": None})).sent_since is None
+    with pytest.raises(KeyringError, match="'sent_since' must be epoch seconds or null"):
+        loads(json.dumps({**valid_doc(), "sent_since": "yesterday"}))
 
 
 def test_dumps_is_independent_of_field_order_in_the_input() -> None:

@@ -125,6 +125,9 @@ def test_a_requested_rotation_goes_stage_switch_retire_idle(start: Decision) -> 
     assert (retire.state.phase, retire.keyring.generations) == ("retire", (new,))
     assert idle.state.phase == "idle" and idle.keyring is retire.keyring
     assert [d.keyring.serial for d in (stage, switch, retire)] == [2, 3, 4]
+    # The switch's moment, one for every agent: IKE_SAs authenticated before it are stale.
+    assert (stage.keyring.sent_since, switch.keyring.sent_since) == (None, 101.0)
+    assert retire.keyring.sent_since == 101.0
     assert idle.state.last_rotation == 103.0 and idle.state.handled_request == "r1"
     assert idle.state.history[-1] == {
         "rotation": 1,

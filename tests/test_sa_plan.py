@@ -94,7 +94,8 @@ def test_a_stale_sa_beside_a_fresh_one_is_retired_not_reauthenticated() -> None:
     # The higher end leaves that to the lower end, unless the fresh one is its own: it
     # stepped in for the lower end (whose agent is down) and must not start another.
     theirs = sa("3", "ov-low", SWITCH + 2, now, initiator=False)
-    assert decide([theirs, sa("2", "ov-low", SWITCH - 50, now)], now).retire == []
+    waits = decide([theirs, sa("2", "ov-low", SWITCH - 50, now)], now + 40)  # past the grace
+    assert waits.retire == [] and waits.reauthenticate == [] and waits.wait == REAUTH_POLL
     mine = sa("3", "ov-low", SWITCH + 40, now + 40)
     stepped_in = decide([mine, sa("2", "ov-low", SWITCH - 50, now + 40)], now + 40)
     assert [s.unique_id for s in stepped_in.retire] == ["2"] and not stepped_in.reauthenticate
