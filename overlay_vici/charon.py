@@ -151,8 +151,8 @@ class Charon:
         return result
 
     def reauthenticate(self, ike_unique_id: str, conn: str, child: str) -> None:
-        """Start a new IKE_SA for the connection beside the stale one (strongswan.conf has
-        reuse_ikesa = no); the agent retires the stale one later (sa_plan.plan_sas)."""
+        """Start a new IKE_SA for the connection beside the stale one (its config differs,
+        render.ike_rand_time); the agent retires the stale one later (sa_plan.plan_sas)."""
         self.initiate(conn, child)
         self.reauth_requested.append(ike_unique_id)
 

@@ -31,6 +31,7 @@ def _builtin_templates() -> Path:
 BUILTIN_TEMPLATES = _builtin_templates()
 CONN_PREFIX = "ov-"
 _DURATION = re.compile(r"^\d+[smhd]?$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
 
 
@@ -101,6 +102,21 @@ def policy_priority(keyring: Keyring, node: Peer, peer: Peer) -> int:
     return POLICY_PRIORITY + max(gen.id for gen in keyring.generations)
 
 
+def ike_rand_time(settings: Settings, keyring: Keyring) -> str:
+    """strongSwan's default (a tenth of the longer of rekey and reauth time) plus the sent
+    generation's parity. charon's `initiate` reuses an IKE_SA whose connection config is
+    equal to the loaded one; after a switch of the sent generation the stale IKE_SAs' config
+    differs, so the agent's reauthentication (sa_plan.plan_sas) gets a new IKE_SA beside
+    the stale one, while an initiation racing a trap's acquire still shares one."""
+    longest = max(_seconds(settings.ike_rekey_time), _seconds(settings.reauth_time))
+    return f"{longest // 10 + keyring.sent % 2}s"
+
+
+def _seconds(duration: str) -> int:
+    unit = duration[-1] if duration[-1] in _UNITS else "s"
+    return int(duration.rstrip("".join(_UNITS))) * _UNITS[unit]
+
+
 def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
     """Exact owners make a key the one charon sends; a peer-only key is merely accepted."""
     return [node.ip, peer.ip] if sent else [peer.ip]
@@ -159,7 +175,13 @@ def swanctl_conf(
         if peer.name != node.name
     ]
     template = _environment(templates).get_template("swanctl.conf.j2")
-    return template.render(node=node, peers=peers, settings=settings, enforce=enforce)
+    return template.render(
+        node=node,
+        peers=peers,
+        settings=settings,
+        ike_rand_time=ike_rand_time(settings, keyring),
+        enforce=enforce,
+    )
 
 
 def strongswan_conf(

@@ -451,7 +451,8 @@ def test_stale_means_authenticated_before_the_masters_switch_moment(harness: Har
 
 
 def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -> None:
-    """Switching sent 1 -> 2 resends every key (owners swap roles) and no connection."""
+    """Switching sent 1 -> 2 resends every key (owners swap roles) and every connection
+    (render.ike_rand_time), and unloads nothing."""
     harness.publish(build_keyring(4, generations=(1, 2), sent=1))
     harness.step()
     harness.publish(build_keyring(4, generations=(1, 2), sent=2, serial=2))
@@ -459,13 +460,16 @@ def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -
     messages_before = harness.charon.messages
     harness.step()
     sent = harness.charon.log[before:]
-    assert harness.charon.messages - messages_before == len(QUERIES) + 6 + 1
+    assert harness.charon.messages - messages_before == len(QUERIES) + 6 + 3 + 1
     loads = {m["id"]: m["owners"] for c, m in sent if c == "load-shared" and m}
     assert set(loads) == {secret_id(f"node-{i}", g) for i in (1, 2, 3) for g in (1, 2)}
     for i in (1, 2, 3):
         assert loads[secret_id(f"node-{i}", 2)] == [node_ip(0), node_ip(i)]
         assert loads[secret_id(f"node-{i}", 1)] == [node_ip(i)]
-    assert not any(c == "load-conn" for c, _ in sent)
+    assert sorted(m and next(iter(m)) for c, m in sent if c == "load-conn") == [
+        conn_name(f"node-{i}") for i in (1, 2, 3)
+    ]
+    assert not any(c.startswith("unload") for c, _ in sent)
     assert harness.status_doc()["generations"] == {"1": "accepted", "2": "sent"}
 
 

@@ -97,10 +97,11 @@ def test_changed_content_is_reloaded_by_digest() -> None:
     assert len(commands) == 9
 
 
-def test_switching_the_sent_generation_reloads_keys_only() -> None:
-    """New owners on both generations' keys: every load-shared again, connections untouched."""
+def test_switching_the_sent_generation_reloads_keys_and_connections() -> None:
+    """New owners on both generations' keys, and a connection config charon will not reuse
+    the stale IKE_SAs for (render.ike_rand_time): every message again, nothing unloaded."""
     commands = plan(desired(10, sent=2), *in_sync(desired(10, sent=1)))
-    assert [c.command for c in commands] == ["load-shared"] * 18
+    assert sorted(c.command for c in commands) == ["load-conn"] * 9 + ["load-shared"] * 18
 
 
 def test_one_changed_message_among_many_is_the_only_one_reloaded() -> None:

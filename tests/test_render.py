@@ -81,6 +81,20 @@ def test_the_reauthentication_responder_prefers_older_generations_sas() -> None:
     assert staged["node-2"] == {"ov-node-0": 1002, "ov-node-1": 1002}
 
 
+def test_the_ike_config_changes_with_the_sent_generation_so_initiate_makes_a_new_sa() -> None:
+    """charon reuses an IKE_SA only of an equal config: the stale ones of the last sent
+    generation differ by rand_time (a tenth of the longer rekey/reauth time, plus parity)."""
+
+    def rand_time(sent: int, **settings: str) -> str:
+        keyring = build_keyring(3, generations=(1, 2), sent=sent)
+        conf = parse_settings(swanctl_conf(keyring, "node-0", Settings(**settings)))
+        return conf["connections"]["ov-node-1"]["rand_time"]
+
+    assert (rand_time(1), rand_time(2)) == ("1441s", "1440s")  # 4h rekey
+    assert rand_time(2, ike_rekey_time="0", reauth_time="1d") == "8640s"
+    assert rand_time(1, ike_rekey_time="0") == "1s"  # no rekeying: rand_time unused
+
+
 def test_default_settings_are_the_security_baseline() -> None:
     """Defaults: AES-GCM-128 with X25519 for IKE and ESP, rekeying, no periodic reauth."""
     conn = rendered()["connections"]["ov-node-0"]
@@ -233,9 +247,10 @@ def test_override_of_strongswan_conf_leaves_swanctl_builtin(tmp_path: Path) -> N
 
 
 def test_strongswan_conf_enables_make_before_break_and_the_vici_socket() -> None:
-    """charon reauthenticates make-before-break, loads an explicit plugin list, serves VICI."""
+    """charon reauthenticates make-before-break, loads an explicit plugin list, serves VICI;
+    it reuses IKE_SAs (an initiation racing a trap's acquire shares one)."""
     charon = parse_settings(strongswan_conf("/run/overlay/charon.vici"))["charon"]
-    assert charon["make_before_break"] == "yes"
+    assert charon["make_before_break"] == "yes" and "reuse_ikesa" not in charon
     assert charon["load_modular"] == "no"
     assert charon["plugins"]["vici"]["socket"] == "unix:///run/overlay/charon.vici"
     plugins = charon["load"].split()
