@@ -14,9 +14,15 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 IP = IPv4Address | IPv6Address
 REAUTH_POLL = 2.0
 REAUTH_RETRY = 30.0  # a reauthentication not done by then (peer down?) is tried again
-# established_ago has whole seconds: an IKE_SA made this long after sent_since is surely
-# fresh, at both ends, so no reauthentication starts sooner.
-REAUTH_AFTER = 1.0
+# charon counts `established` in whole seconds of its own clock, so established_ago may be
+# a second more than the truth: an IKE_SA made this long after sent_since is surely fresh,
+# at both ends, so no reauthentication starts sooner.
+REAUTH_AFTER = 2.0
+# The higher-IP end counts an IKE_SA its lower-IP peer initiated as stale only if it
+# predates sent_since by more than this. The peer reauthenticates first and is the judge;
+# rounding or clock skew must not make this end step in with a replacement that the peer,
+# keeping its own, closes as a duplicate, again and again (seen once in the guest).
+PEER_SLACK = 5.0
 # After loading a connection into a charon that did not hold it, the higher-IP end initiates
 # too, this long after the lower-IP end (which initiates at once), unless an IKE_SA exists
 # by then: a restarted charon's peers may still hold IKE_SAs with it that only its own
@@ -125,7 +131,12 @@ def plan_sas(
         if stale_ids is not None:
             stale = [sa for sa in group if sa.unique_id in stale_ids]
         else:  # established_ago has whole seconds: count an SA from that second as stale
-            stale = [sa for sa in group if now - sa.established_ago - 1 < sent_since]  # type: ignore[operator]
+            stale = [
+                sa
+                for sa in group
+                if now - sa.established_ago - 1  # type: ignore[operator]
+                < sent_since - (PEER_SLACK if not leads and not sa.initiator else 0.0)
+            ]
         result.stale += stale
         fresh = [sa for sa in group if sa not in stale]
         # The lower-IP end retires; the other end only what replaced its own initiation

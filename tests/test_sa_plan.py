@@ -6,7 +6,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from overlay_vici.sa_plan import REAUTH_POLL, REAUTH_RETRY, IkeSa, Timing, plan_sas
+from overlay_vici.sa_plan import REAUTH_AFTER, REAUTH_POLL, REAUTH_RETRY, IkeSa, Timing, plan_sas
 
 ME, LOW, HIGH = ip_address("10.0.0.5"), ip_address("10.0.0.1"), ip_address("10.0.0.9")
 PEERS = {"ov-low": LOW, "ov-high": HIGH}
@@ -33,15 +33,16 @@ def test_lower_ip_end_reauthenticates_after_its_jitter() -> None:
     old = sa("1", "ov-high", SWITCH - 100, SWITCH + 1)
     early = decide([old], SWITCH + 1)
     assert early.stale == [old] and early.reauthenticate == []
-    assert early.wait == 2.0  # polls until due, at least REAUTH_POLL apart
-    due = decide([sa("1", "ov-high", SWITCH - 100, SWITCH + 3)], SWITCH + 3)
+    # Due REAUTH_AFTER + the 2 s jitter after the switch; polls at least REAUTH_POLL apart.
+    assert early.wait == REAUTH_AFTER + 2.0 - 1
+    due = decide([sa("1", "ov-high", SWITCH - 100, SWITCH + 4)], SWITCH + 4)
     assert [s.unique_id for s in due.reauthenticate] == ["1"]
 
 
 def test_higher_ip_end_waits_the_grace_period_for_its_peer() -> None:
     now = SWITCH + 10
     assert decide([sa("1", "ov-low", SWITCH - 100, now)], now).reauthenticate == []
-    now = SWITCH + 33
+    now = SWITCH + REAUTH_AFTER + 32
     assert len(decide([sa("1", "ov-low", SWITCH - 100, now)], now).reauthenticate) == 1
 
 
@@ -108,6 +109,18 @@ def test_a_stale_sa_is_kept_until_the_fresh_one_has_its_child_sa() -> None:
     result = decide([fresh, stale], now)
     assert result.retire == [] and result.reauthenticate == [] and result.terminate == []
     assert result.wait == REAUTH_POLL
+
+
+def test_the_higher_end_leaves_an_sa_its_peer_made_around_the_switch_to_the_peer() -> None:
+    """Seconds of rounding or clock skew around sent_since: the lower-IP end, which made the
+    IKE_SA, judges it; the higher end does not step in and fight its duplicate-closing."""
+    now = SWITCH + 60
+    theirs = sa("7", "ov-low", SWITCH - 2, now, initiator=False)
+    assert decide([theirs], now).stale == []
+    mine = sa("7", "ov-low", SWITCH - 2, now)  # one this end made is judged by the moment
+    assert decide([mine], now).stale == [mine]
+    older = sa("6", "ov-low", SWITCH - 50, now, initiator=False)
+    assert decide([older], now).stale == [older]
 
 
 def test_known_stale_ids_spare_an_sa_the_peer_made_just_after_the_switch() -> None:
