@@ -129,8 +129,8 @@ class Charon:
                         conn=conn,
                         state=_text(sa.get("state", b"")),
                         established_ago=int(sa["established"]) if "established" in sa else None,
-                        children_installed=sum(
-                            1
+                        child_ids=tuple(
+                            _text(c.get("uniqueid", b""))
                             for c in children.values()
                             if _text(c.get("state", b"")) == "INSTALLED"
                         ),
@@ -140,11 +140,6 @@ class Charon:
                         last_in_ago=min(
                             (int(c["use-in"]) for c in children.values() if "use-in" in c),
                             default=None,
-                        ),
-                        child_ids=tuple(
-                            _text(c.get("uniqueid", b""))
-                            for c in children.values()
-                            if _text(c.get("state", b"")) == "INSTALLED"
                         ),
                     )
                 )

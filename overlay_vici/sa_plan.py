@@ -36,13 +36,16 @@ class IkeSa:
     conn: str
     state: str
     established_ago: int | None
-    children_installed: int
+    child_ids: tuple[str, ...]  # unique ids of its installed CHILD_SAs
     initiator: bool  # this end initiated it
     local_host: str = ""  # the addresses it runs between ("" if charon did not say)
     remote_host: str = ""
     # Seconds since a CHILD_SA of it last received a packet; None: none ever did.
     last_in_ago: int | None = None
-    child_ids: tuple[str, ...] = ()  # unique ids of its installed CHILD_SAs
+
+    @property
+    def children_installed(self) -> int:
+        return len(self.child_ids)
 
 
 @dataclass(frozen=True)

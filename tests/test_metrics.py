@@ -78,7 +78,8 @@ def exposition(families: list[metrics.Family]) -> dict[str, float]:
 
 
 def sa(unique_id: str, peer: str, state: str = "ESTABLISHED", children: int = 1) -> IkeSa:
-    return IkeSa(unique_id, conn_name(peer), state, 10, children, True)
+    child_ids = tuple(f"c{i}" for i in range(children))
+    return IkeSa(unique_id, conn_name(peer), state, 10, child_ids, True)
 
 
 # --- the agent: pure ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ SWITCH = 1000.0
 
 
 def sa(uid: str, conn: str, established_at: float, now: float, initiator: bool = True) -> IkeSa:
-    return IkeSa(uid, conn, "ESTABLISHED", int(now - established_at), 1, initiator)
+    return IkeSa(uid, conn, "ESTABLISHED", int(now - established_at), ("c",), initiator)
 
 
 def decide(sas: list[IkeSa], now: float, issued: dict[str, float] | None = None):
@@ -78,7 +78,7 @@ def test_duplicates_closed_by_the_lower_end_keeping_its_own() -> None:
 
 def test_connecting_sas_are_not_judged() -> None:
     now = SWITCH + 5
-    connecting = IkeSa("1", "ov-high", "CONNECTING", None, 0, True)
+    connecting = IkeSa("1", "ov-high", "CONNECTING", None, (), True)
     assert decide([connecting], now).stale == []
 
 
@@ -104,7 +104,7 @@ def test_a_stale_sa_beside_a_fresh_one_is_retired_not_reauthenticated() -> None:
 
 def test_a_stale_sa_is_kept_until_the_fresh_one_has_its_child_sa() -> None:
     now = SWITCH + 5
-    fresh = IkeSa("3", "ov-high", "ESTABLISHED", 1, 0, True)
+    fresh = IkeSa("3", "ov-high", "ESTABLISHED", 1, (), True)
     stale = sa("2", "ov-high", SWITCH - 50, now)
     result = decide([fresh, stale], now)
     assert result.retire == [] and result.reauthenticate == [] and result.terminate == []
@@ -141,7 +141,7 @@ def test_pending_initiation_waits_then_initiates_unless_an_ike_sa_exists() -> No
     due = {"ov-low": SWITCH + 2, "ov-high": SWITCH + 2}
     early = plan_sas([], SWITCH + 1, 0.0, ME, PEERS, {}, TIMING, due)
     assert early.initiate == [] and early.wait == 1.0
-    connecting = IkeSa("3", "ov-high", "CONNECTING", None, 0, False)
+    connecting = IkeSa("3", "ov-high", "CONNECTING", None, (), False)
     late = plan_sas([connecting], SWITCH + 2, 0.0, ME, PEERS, {}, TIMING, due)
     assert late.initiate == ["ov-low"] and late.settled == ["ov-high"]
 
@@ -149,9 +149,9 @@ def test_pending_initiation_waits_then_initiates_unless_an_ike_sa_exists() -> No
 def test_sas_on_an_old_address_are_closed_from_either_end() -> None:
     """A node's IP changed: its IKE_SAs on the old address go, whatever the IP order."""
     now = SWITCH + 60
-    moved_peer = IkeSa("1", "ov-high", "ESTABLISHED", 50, 1, True, "10.0.0.5", "10.0.0.99")
-    moved_self = IkeSa("2", "ov-low", "CONNECTING", None, 0, True, "10.0.0.55", "10.0.0.1")
-    current = IkeSa("3", "ov-high", "ESTABLISHED", 5, 1, False, "10.0.0.5", "10.0.0.9")
+    moved_peer = IkeSa("1", "ov-high", "ESTABLISHED", 50, ("c",), True, "10.0.0.5", "10.0.0.99")
+    moved_self = IkeSa("2", "ov-low", "CONNECTING", None, (), True, "10.0.0.55", "10.0.0.1")
+    current = IkeSa("3", "ov-high", "ESTABLISHED", 5, ("c",), False, "10.0.0.5", "10.0.0.9")
     result = decide([moved_peer, moved_self, current], now)
     assert result.moved == [moved_peer, moved_self]
     assert result.terminate == [] and result.stale == []
@@ -159,8 +159,8 @@ def test_sas_on_an_old_address_are_closed_from_either_end() -> None:
 
 def orphan_case(age: int, last_in: tuple[int | None, int | None]) -> list[IkeSa]:
     """Two IKE_SAs of ov-low as seen by ME (the higher-IP end of that pair)."""
-    real = IkeSa("5", "ov-low", "ESTABLISHED", age, 1, True, last_in_ago=last_in[0])
-    orphan = IkeSa("6", "ov-low", "ESTABLISHED", age + 1, 1, False, last_in_ago=last_in[1])
+    real = IkeSa("5", "ov-low", "ESTABLISHED", age, ("c",), True, last_in_ago=last_in[0])
+    orphan = IkeSa("6", "ov-low", "ESTABLISHED", age + 1, ("c",), False, last_in_ago=last_in[1])
     return [real, orphan]
 
 
@@ -187,7 +187,7 @@ def test_no_orphan_is_guessed(age: int, last_in: tuple[int | None, int | None]) 
 
 def test_the_lower_ip_end_keeps_its_own_duplicate_rule() -> None:
     now = SWITCH + 600
-    a = IkeSa("1", "ov-high", "ESTABLISHED", 100, 1, True, last_in_ago=None)
-    b = IkeSa("2", "ov-high", "ESTABLISHED", 90, 1, False, last_in_ago=0)
+    a = IkeSa("1", "ov-high", "ESTABLISHED", 100, ("c",), True, last_in_ago=None)
+    b = IkeSa("2", "ov-high", "ESTABLISHED", 90, ("c",), False, last_in_ago=0)
     result = plan_sas([a, b], now, SWITCH, ME, PEERS, {}, TIMING)
     assert result.orphans == [] and result.terminate == [b]
