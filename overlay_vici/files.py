@@ -13,7 +13,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from overlay_vici.keyring import MAX_KEYRING_BYTES, Keyring, KeyringError, loads
+from overlay_vici.keyring import MAX_KEYRING_BYTES, Keyring, KeyringError, loads, too_large
 
 KEYRING_FILE = "keyring.json"
 
@@ -29,11 +29,7 @@ def read_keyring_bytes(secret_dir: Path) -> bytes:
         with path.open("rb") as handle:
             data = handle.read(MAX_KEYRING_BYTES + 1)
             if len(data) > MAX_KEYRING_BYTES:
-                size = os.fstat(handle.fileno()).st_size
-                raise KeyringError(
-                    f"keyring is {size} bytes, over the {MAX_KEYRING_BYTES}-byte limit; "
-                    "republish the Secret from the master"
-                )
+                raise too_large(os.fstat(handle.fileno()).st_size)
     except FileNotFoundError:
         raise KeyringError(
             f"no {KEYRING_FILE} in {secret_dir}; check the Secret volume and that the master runs"

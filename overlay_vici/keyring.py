@@ -122,13 +122,18 @@ def dumps(keyring: Keyring) -> str:
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
+def too_large(size: int) -> KeyringError:
+    """One wording for a keyring over the limit, whether read from a file or given whole."""
+    return KeyringError(
+        f"keyring is {size} bytes, over the {MAX_KEYRING_BYTES}-byte limit; "
+        "republish the Secret from the master"
+    )
+
+
 def loads(data: bytes | str) -> Keyring:
     """Parse and validate strictly; any defect raises KeyringError with one sentence."""
     if len(data) > MAX_KEYRING_BYTES:
-        raise KeyringError(
-            f"keyring is {len(data)} bytes, over the {MAX_KEYRING_BYTES}-byte limit; "
-            "republish the Secret from the master"
-        )
+        raise too_large(len(data))
     if not data.strip():
         raise KeyringError("keyring is empty; wait for the master to publish the Secret")
     try:
