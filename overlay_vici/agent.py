@@ -252,9 +252,10 @@ class Agent:
 
     def _sync(self, desired: Accepted) -> float:
         loaded_conns = self.charon.loaded_conns()
+        reconnected = self.charon.sessions != self._charon_session and self._charon_session != 0
         if self.charon.sessions != self._charon_session:
             # A new session may face a restarted charon: trust nothing sent before.
-            if self._charon_session:
+            if reconnected:
                 log.warning("reconnected to charon, verifying everything", node=self.config.node)
             self._sent_digests.clear()
             self._charon_session = self.charon.sessions
@@ -265,7 +266,7 @@ class Agent:
             self._sent_digests,
         )
         failures = sum(not self._send(command) for command in commands)
-        self._schedule_initiations(desired, loaded_conns)
+        self._schedule_initiations(desired, loaded_conns, 0.0 if reconnected else INITIATE_GRACE)
         if commands:
             log.info(
                 "reconciled",
@@ -305,14 +306,22 @@ class Agent:
             self._act(self._terminate_now, "closing IKE_SA, encryption is off", sa)
         return self.config.resync_seconds
 
-    def _schedule_initiations(self, desired: Accepted, loaded_conns: set[str]) -> None:
-        """Connections this charon did not hold (it is new, or restarted) that the other end
-        would initiate: initiate them too, after INITIATE_GRACE, if no IKE_SA came up."""
+    def _schedule_initiations(
+        self, desired: Accepted, loaded_conns: set[str], grace: float
+    ) -> None:
+        """Connections this charon did not hold that the other end would initiate: initiate
+        them too, `grace` seconds on, if no IKE_SA came up by then.
+
+        A charon met for the first time (a node joining, a new pod) gets INITIATE_GRACE, so
+        that the lower-IP end's initiation usually comes alone. A charon that restarted under
+        this agent gets none: its lower-IP peers lost their IKE_SAs with it (on SIGTERM it
+        deleted them) and their initiations during its downtime went unanswered; charon
+        retransmits only after 4 s, and the pair would be down until then."""
         conns = desired.target.messages.conns
-        due = time.time() + INITIATE_GRACE
+        due = time.time() + grace
         for name in conns:
             if name not in loaded_conns and name not in desired.target.initiated:
-                self._initiate_due.setdefault(name, due)
+                self._initiate_due[name] = min(self._initiate_due.get(name, due), due)
         for name in [name for name in self._initiate_due if name not in conns]:
             del self._initiate_due[name]
 

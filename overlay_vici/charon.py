@@ -107,6 +107,8 @@ class Charon:
             raise CharonUnavailable(f"VICI session to {self.path} dropped ({exc})") from None
 
     def _require(self) -> vici.Session:
+        if self.dropped():
+            self.close()  # charon restarted: a new session now, not an error first
         if self._session is None:
             self.connect()
         assert self._session is not None

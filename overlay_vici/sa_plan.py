@@ -23,10 +23,11 @@ REAUTH_AFTER = 2.0
 # rounding or clock skew must not make this end step in with a replacement that the peer,
 # keeping its own, closes as a duplicate, again and again (seen once in the guest).
 PEER_SLACK = 5.0
-# After loading a connection into a charon that did not hold it, the higher-IP end initiates
-# too, this long after the lower-IP end (which initiates at once), unless an IKE_SA exists
-# by then: a restarted charon's peers may still hold IKE_SAs with it that only its own
-# initiation (INITIAL_CONTACT) replaces, whichever end has the lower IP.
+# After loading a connection into a new charon that did not hold it, the higher-IP end
+# initiates too, this long after the lower-IP end (which initiates at once), unless an
+# IKE_SA exists by then: a restarted charon's peers may still hold IKE_SAs with it that only
+# its own initiation (INITIAL_CONTACT) replaces, whichever end has the lower IP. (A charon
+# that restarted under a running agent gets no grace: see Agent._schedule_initiations.)
 INITIATE_GRACE = 2.0
 
 

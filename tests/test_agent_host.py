@@ -752,6 +752,30 @@ def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
         recording.close()
 
 
+def test_a_charon_restarted_under_the_agent_gets_every_peer_initiated_at_once(
+    charon: CharonProcess, tmp_path: Path
+) -> None:
+    """No grace after a restart the agent saw: the lower-IP peers' own initiations went
+    unanswered while charon was down, and charon retransmits them only after 4 s."""
+    keyring = build_keyring(4)
+    highest = keyring.peers[-1].name
+    recording = RecordingCharon(charon.uri)
+    keys = tmp_path / "keys"
+    publish_secret(keys, {KEYRING_FILE: dumps(keyring)})
+    agent = Agent(AgentConfig(highest, keys, Settings(), resync_seconds=60), recording)
+    try:
+        agent.step()
+        charon.kill()
+        charon.start()
+        before = len(recording.log)
+        wait = agent.step()
+        initiated = {m["ike"] for c, m in recording.log[before:] if c == "initiate" and m}
+        assert initiated == {conn_name(p.name) for p in keyring.peers if p.name != highest}
+        assert wait > INITIATE_GRACE  # nothing left pending
+    finally:
+        recording.close()
+
+
 def test_metrics_and_charons_event_stream(harness: Harness, charon: CharonProcess) -> None:
     """The agent's metrics hook and the VICI event subscription against a real charon: the
     subscription gets charon's log (level <= 1) on its own session, survives a charon
@@ -800,11 +824,11 @@ def test_metrics_and_charons_event_stream(harness: Harness, charon: CharonProces
         charon.kill()
         harness.step()
         assert metrics.health() == (False, "charon is not connected")
-        # The first request finds the session dropped; the next step cannot connect.
+        # The dropped session is not reused (no request fails on it); no step can connect.
         harness.step()
         text = generate_latest(metrics.registry).decode()
-        assert 'overlay_vici_vici_errors_total{command="get-conns"} 1.0' in text
-        assert 'overlay_vici_vici_errors_total{command="connect"} 1.0' in text
+        assert 'command="get-conns"' not in text
+        assert 'overlay_vici_vici_errors_total{command="connect"} 2.0' in text
         charon.start()
         wait_until("the subscription to come back", lambda: metrics.events.sessions >= 2
                    and metrics.events.connected)  # fmt: skip
