@@ -238,9 +238,7 @@ class Agent:
         switch says."""
         if self.removed_at is not None:
             return "off"
-        if any(node.name == self.config.node for node in keyring.outside):
-            return "off"
-        return keyring.encryption.mode(time.time())
+        return keyring.mode_for(self.config.node, time.time())
 
     def _initiated(self, keyring: Keyring) -> frozenset[str]:
         """Connections this node brings up as soon as they load: those to higher IPs.

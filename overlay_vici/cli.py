@@ -10,12 +10,17 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overlay_vici import log
 from overlay_vici.keyring import KeyringError
 from overlay_vici.mtu import ipip_mtu
 from overlay_vici.render import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from overlay_vici.netfilter import Guard
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     guard = commands.add_parser(
         "guard",
-        help="show or remove this node's guard (netfilter rules that drop unencrypted IPIP)",
+        help="install, show or remove this node's guard (netfilter rules that drop "
+        "unencrypted IPIP)",
         description="While encryption is on, the agent keeps a guard on its node: iptables "
         "rules (raw OUTPUT, mangle INPUT) that drop every IPIP packet IPsec does not protect, "
         "both ways, except to and from the nodes outside the mesh. It outlives the agent; only "
@@ -261,10 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
         "blocking the node's pod traffic to other nodes. An agent still running with "
         "encryption on puts the guard back within its --resync.",
     )
-    for action in (guard_show, guard_remove):
+    guard_install = guard_actions.add_parser(
+        "install",
+        help="install the guard now if the keyring has encryption on for this node",
+        description="What the agent's first pass does before it talks to charon, as a command "
+        "of its own: the agent pod's init container runs it, so that a node whose guard a "
+        "reboot erased gets it back before charon and the agent start, and even if the agent "
+        "cannot. Prints what it left installed; exit 2 if the keyring cannot be read.",
+    )
+    guard_install.add_argument("--node", required=True, help="this node's name, as in the keyring")
+    guard_install.add_argument(
+        "--keys",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory of the mounted key Secret (holds keyring.json)",
+    )
+    for action in (guard_show, guard_remove, guard_install):
         action.add_argument(
             "--iptables-backend",
-            choices=["legacy", "nft"],
+            choices=["auto", "legacy", "nft"],
             default=None,
             help="the backend holding the guard: the agent's --iptables-backend, if it has "
             "one (default: $FELIX_IPTABLESBACKEND, else the one holding the host's rules)",
@@ -458,10 +480,12 @@ def _guard(args: argparse.Namespace) -> int:
     from overlay_vici.netfilter import Guard
 
     log.setup("error")  # the printed lines say what happened
-    guard = Guard("", args.iptables_backend)
+    guard = Guard(getattr(args, "node", ""), args.iptables_backend)
     if args.action == "remove":
         removed = guard.remove()
         print(f"{'guard removed' if removed else 'no guard installed'} (iptables-{guard.backend})")
+        return 0
+    if args.action == "install" and not _install_guard(args, guard):
         return 0
     outside, present = guard.installed()
     where = f"iptables-{guard.backend}"
@@ -482,6 +506,20 @@ def _guard(args: argparse.Namespace) -> int:
     for peer in outside:
         print(f"  {peer.ip}  {peer.name}")
     return 0
+
+
+def _install_guard(args: argparse.Namespace, guard: Guard) -> bool:
+    """Install the guard as the agent would at this moment; False if encryption is not on."""
+    from overlay_vici.files import read_keyring
+
+    keyring = read_keyring(args.keys)
+    mode = keyring.mode_for(args.node, time.time())
+    if mode != "on":
+        print(f"encryption is {mode} for node {args.node} (keyring serial {keyring.serial}): "
+              "no guard needed")  # fmt: skip
+        return False
+    guard.ensure((p.name, p.ip) for p in keyring.outside)
+    return True
 
 
 def _agent(args: argparse.Namespace) -> int:

@@ -91,6 +91,12 @@ class Keyring:
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
 
+    def mode_for(self, node: str, now: float) -> str:
+        """The switch's mode on one node: a node outside the mesh is off whatever it says."""
+        if any(p.name == node for p in self.outside):
+            return "off"
+        return self.encryption.mode(now)
+
 
 def new_generation_key() -> bytes:
     """A fresh root key from the operating system's CSPRNG."""

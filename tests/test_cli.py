@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -17,7 +18,7 @@ from overlay_vici import netfilter
 from overlay_vici.cli import main
 from overlay_vici.files import KEYRING_FILE, publish_secret, read_keyring
 from overlay_vici.guard_plan import install_script, outside_peers
-from overlay_vici.keyring import dumps
+from overlay_vici.keyring import Encryption, Peer, dumps
 from overlay_vici.render import Settings, strongswan_conf, swanctl_conf
 
 EXE = Path(sys.executable).with_name("overlay-vici")
@@ -206,7 +207,9 @@ def test_render_swanctl_keyring_problems_exit_2(
     assert err.startswith(message.format(keys=keys)) and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("args", [["guard"], ["guard", "show"], ["guard", "remove"]])
+@pytest.mark.parametrize(
+    "args", [["guard"], ["guard", "show"], ["guard", "remove"], ["guard", "install"]]
+)
 def test_help_of_the_guard_commands(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
     code, out, err = cli(capsys, *args, "--help")
     assert code == 0 and err == ""
@@ -268,3 +271,53 @@ def test_guard_show_and_remove_in_a_node_namespace(netns: str, backend: str) -> 
     assert guard("remove") == (0, f"guard removed (iptables-{backend})\n")
     assert guard("remove") == (0, f"no guard installed (iptables-{backend})\n")
     assert guard("show")[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_guard_install_does_what_the_agents_first_pass_does(
+    netns: str, backend: str, tmp_path: Path
+) -> None:
+    """The init container's command: the guard with the keyring's allow-list when the
+    switch is on for this node, nothing when it is not, exit 2 with the reason and nothing
+    installed when the keyring cannot be read."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+
+    def guard(*args: str) -> tuple[int, str, str]:
+        cmd = [str(EXE), "guard", *args, "--iptables-backend", backend]
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    def install(node: str = "node-0") -> tuple[int, str, str]:
+        return guard("install", "--node", node, "--keys", str(keys))
+
+    code, out, err = install()
+    assert (code, out) == (2, "") and err.startswith("overlay-vici: no keyring.json in ")
+    assert guard("show")[:2] == (1, f"guard not installed (iptables-{backend})\n")
+
+    on = build_keyring(3)
+    outside = (Peer("n5", "10.99.0.5"),)
+    publish_secret(keys, {KEYRING_FILE: dumps(dataclasses.replace(on, outside=outside))})
+    assert install() == (
+        0,
+        f"guard installed (iptables-{backend}): unprotected IPIP is dropped both ways; "
+        "except to and from the nodes outside the mesh:\n  10.99.0.5  n5\n",
+        "",
+    )
+    assert guard("show")[0] == 0
+    assert guard("remove")[0] == 0
+
+    off = dataclasses.replace(on, serial=2, encryption=Encryption(enabled=False, at=0.0))
+    publish_secret(keys, {KEYRING_FILE: dumps(off)})
+    assert install() == (
+        0, "encryption is off for node node-0 (keyring serial 2): no guard needed\n", ""
+    )  # fmt: skip
+    self_outside = (Peer("node-0", on.peers[0].ip),)  # opted out: no longer a peer
+    opted_out = dataclasses.replace(build_keyring((1, 2), serial=3), outside=self_outside)
+    publish_secret(keys, {KEYRING_FILE: dumps(opted_out)})
+    assert install()[:2] == (
+        0, "encryption is off for node node-0 (keyring serial 3): no guard needed\n"
+    )  # fmt: skip
+    assert guard("show")[:2] == (1, f"guard not installed (iptables-{backend})\n")

@@ -40,6 +40,7 @@ NONROOT_UID = 65532
 CAPABILITIES = {
     ("overlay-vici-master", "master"): set(),
     ("overlay-vici-agent", "modules"): {"SYS_MODULE"},
+    ("overlay-vici-agent", "guard"): {"NET_ADMIN", "NET_RAW"},
     ("overlay-vici-agent", "charon"): {"NET_ADMIN", "NET_BIND_SERVICE"},
     # NET_RAW: iptables-legacy uses a raw socket (the pod test shows the guard needs it).
     ("overlay-vici-agent", "agent"): {"NET_ADMIN", "NET_RAW"},
@@ -275,7 +276,8 @@ def test_the_daemonset_runs_on_every_node_in_the_host_network() -> None:
         "type": "RollingUpdate",
         "rollingUpdate": {"maxUnavailable": 1},
     }
-    assert [c["name"] for c in spec["initContainers"]] == ["modules"]
+    # The modules first: the guard's iptables needs xt_policy and the tables.
+    assert [c["name"] for c in spec["initContainers"]] == ["modules", "guard"]
     script = " ".join(spec["initContainers"][0]["command"])
     for module in ("esp4", "xfrm_user", "ipip", "xt_policy"):
         assert module in script
@@ -319,7 +321,7 @@ def test_report_lease_tells_the_agent_when_its_own_daemonset_is_deleted() -> Non
         assert {"name": "run", "mountPath": "/run/overlay-vici"} in mounts, name
 
 
-def test_the_key_secret_is_mounted_read_only_with_mode_0400_into_the_agent_only() -> None:
+def test_the_key_secret_is_mounted_read_only_with_mode_0400_into_agent_and_guard_only() -> None:
     spec = the("DaemonSet")["spec"]["template"]["spec"]
     volume = next(v for v in spec["volumes"] if "secret" in v)
     assert volume["secret"]["secretName"] == SECRET
@@ -332,9 +334,8 @@ def test_the_key_secret_is_mounted_read_only_with_mode_0400_into_the_agent_only(
         for m in c.get("volumeMounts", [])
         if m["name"] == volume["name"]
     }
-    assert holders == {
-        "agent": {"name": volume["name"], "mountPath": "/etc/overlay-vici/keys", "readOnly": True}
-    }
+    mount = {"name": volume["name"], "mountPath": "/etc/overlay-vici/keys", "readOnly": True}
+    assert holders == {"agent": mount, "guard": mount}
     assert [v for v in spec["volumes"] if "secret" in v] == [volume]
     for k, v in walk(the("Deployment")):
         assert not (k == "secret" and isinstance(v, dict)), "the master reads its Secret via API"
@@ -461,13 +462,13 @@ def test_the_config_defaults_are_the_programs_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["master", "agent", "report-lease"], ids=lambda n: f"container={n}"
+    "name", ["master", "agent", "report-lease", "guard"], ids=lambda n: f"container={n}"
 )
 def test_the_containers_flags_exist_in_the_cli(name: str, capsys: pytest.CaptureFixture) -> None:
     """The args, expanded as kubelet would, parse with the real CLI: a renamed flag fails."""
     workload = the("Deployment") if name == "master" else the("DaemonSet")
     c = container(workload, name)
-    assert c["command"] == ["overlay-vici"]
+    assert c["command"][0] == "overlay-vici" or c["command"][2].startswith('overlay-vici "$@"')
     argv = expand(c["args"], env_values(c))
     try:
         args = build_parser().parse_args(argv)
@@ -546,23 +547,23 @@ def test_the_dockerfiles_final_stage_has_what_the_pods_run_and_no_compiler() -> 
 def _pod_spec(work: Path, keys: Path, **settings: str) -> dict[str, Any]:
     path = f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"
     daemonset = the("DaemonSet")
-    specs = []
-    for name in ("charon", "agent"):
+
+    def spec(name: str) -> dict[str, Any]:
         c = container(daemonset, name)
         env = {"PATH": path, **env_values(c, **settings)}
         argv = expand(c["command"] + c.get("args", []), env)
         argv = [a.replace("/etc/overlay-vici/keys", str(keys)) for a in argv]
-        specs.append(
-            {
-                "name": name,
-                "argv": argv,
-                "env": env,
-                "caps": c["securityContext"]["capabilities"].get("add", []),
-                "readiness": c["readinessProbe"]["exec"]["command"],
-                "liveness": c["livenessProbe"]["exec"]["command"],
-            }
-        )
-    return {"work": str(work), "containers": specs}
+        probes = {p: c[f"{p}Probe"]["exec"]["command"] for p in ("readiness", "liveness") if
+                  f"{p}Probe" in c}  # fmt: skip
+        caps = c["securityContext"]["capabilities"].get("add", [])
+        return {"name": name, "argv": argv, "env": env, "caps": caps, **probes}
+
+    # The modules init container needs the host's modules: not run here.
+    return {
+        "work": str(work),
+        "init": [spec("guard")],
+        "containers": [spec("charon"), spec("agent")],
+    }
 
 
 @pytest.mark.skipif(
@@ -579,10 +580,11 @@ def _pod_spec(work: Path, keys: Path, **settings: str) -> dict[str, Any]:
 def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
     tmp_path: Path, backend: str
 ) -> None:
-    """charon's start script, the agent's args and all four probes, as declared, in private
-    mount, network and PID namespaces (a tmpfs /run for the pod's emptyDirs), each process
-    holding only its container's capabilities; then swanctl as in docs/operations.md. With
-    each iptables-backend setting: the agent's guard must work with those capabilities."""
+    """The guard init container, charon's start script, the agent's args and all four
+    probes, as declared, in private mount, network and PID namespaces (a tmpfs /run for the
+    pod's emptyDirs), each process holding only its container's capabilities; then swanctl
+    as in docs/operations.md. With each iptables-backend setting: the guard must work with
+    those capabilities."""
     if backend != "auto":
         save = shutil.which(f"iptables-{backend}-save")
         if (
@@ -610,6 +612,10 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
     logs = {p.name: p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log")}
     assert run.returncode == 0, f"{run.stderr}\n{logs}"
     result = json.loads(run.stdout)
+    guard_init = result["init"]["guard"]
+    assert guard_init["rc"] == 0 and guard_init["stdout"].startswith("guard installed ("), (
+        guard_init
+    )
     for name in ("charon", "agent"):
         assert result["ready"][name]["rc"] == 0, f"{name} never ready: {result['ready'][name]}"
         assert result["live"][name]["rc"] == 0, f"{name} not live: {result['live'][name]}"
@@ -646,7 +652,7 @@ def test_every_shell_script_parses() -> None:
         names.append(name)
         check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert check.returncode == 0, f"{name}: {check.stderr}"
-    assert sorted(names) == ["charon", "modules"]
+    assert sorted(names) == ["charon", "guard", "modules"]
 
 
 @pytest.mark.parametrize(
