@@ -250,8 +250,9 @@ class Agent:
 
     def _sync(self, desired: Accepted) -> float:
         loaded_conns = self.charon.loaded_conns()
-        reconnected = self.charon.sessions != self._charon_session and self._charon_session != 0
-        if self.charon.sessions != self._charon_session:
+        new_session = self.charon.sessions != self._charon_session
+        reconnected = new_session and self._charon_session != 0
+        if new_session:
             # A new session may face a restarted charon: trust nothing sent before.
             if reconnected:
                 log.warning("reconnected to charon, verifying everything", node=self.config.node)
