@@ -108,6 +108,7 @@ class Agent:
         self._capture_switch_ids = False
         self.mode: str | None = None  # the mode charon was last brought to
         self.removed_at: float | None = None  # when the install's removal was noticed
+        self._guard_removal_due = False  # the guard stopped dropping; its chains still to go
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
@@ -166,6 +167,8 @@ class Agent:
             except CharonUnavailable as exc:
                 self._fail("charon unreachable", str(exc))
                 wait, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+            if self._guard_removal_due:
+                self._remove_guard()
             switch_in = self.desired.keyring.encryption.wait(time.time())
             if switch_in is not None:
                 wait = min(wait, switch_in)
@@ -351,9 +354,21 @@ class Agent:
             return
         try:
             if desired.mode == "on":
+                self._guard_removal_due = False
                 guard.ensure((p.name, p.ip) for p in desired.keyring.outside)
             elif desired.mode != self.mode:
-                guard.remove()
+                # Leaving on: the drops stop now, before charon unloads anything (one
+                # restore); the chains and jumps go at the end of the pass.
+                self._guard_removal_due = True
+                guard.stop_dropping()
+        except GuardError as exc:
+            self._fail("guard failed", str(exc))
+
+    def _remove_guard(self) -> None:
+        assert self.config.guard is not None
+        try:
+            self.config.guard.remove()
+            self._guard_removal_due = False
         except GuardError as exc:
             self._fail("guard failed", str(exc))
 

@@ -156,6 +156,14 @@ def install_script(outside: Iterable[GuardPeer], saved: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def emptying_script() -> str:
+    """iptables-restore --noflush input that empties the guard's chains (declaring a chain
+    flushes it), with no save to read first: the one step that stops the drops, for the
+    disable, where every process spawned delays it. The jumps then lead to empty chains
+    until removal_script's restore removes them and the chains."""
+    return "".join(f"*{hook.table}\n:{hook.chain} - [0:0]\nCOMMIT\n" for hook in HOOKS)
+
+
 def removal_script(saved: dict[str, str]) -> str | None:
     """iptables-restore --noflush input that removes every jump to the guard and its chains;
     None if nothing of it is installed. Only the disable (the switch, or an operator's

@@ -18,6 +18,7 @@ from overlay_vici.guard_plan import (
     HOOKS,
     GuardPeer,
     choose_backend,
+    emptying_script,
     install_script,
     installed_outside,
     outside_peers,
@@ -102,6 +103,12 @@ class Guard:
         whether any part of it is there (a partial guard may still drop IPIP)."""
         saved = self._save()
         return installed_outside(saved), removal_script(saved) is not None
+
+    def stop_dropping(self) -> None:
+        """Empty the chains of a guard this object installed: one restore and no save, so
+        that the disable stops the drops before the SAs go; remove() takes the rest."""
+        if self.outside is not None:
+            self._restore(emptying_script())
 
     def remove(self) -> bool:
         """Remove the guard (the disable only); returns whether anything was there."""

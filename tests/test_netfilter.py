@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from overlay_vici import netfilter
-from overlay_vici.guard_plan import IN
+from overlay_vici.guard_plan import IN, emptying_script
 from overlay_vici.netfilter import Guard, GuardError, detect_backend
 
 pytestmark = pytest.mark.skipif(
@@ -145,6 +145,30 @@ def test_the_kernel_drops_unprotected_ipip_but_that_of_nodes_outside(
     }
     seen = run([sys.executable, "-c", PROBE, *fates], None).stdout.split()
     assert dict(zip(fates, seen, strict=True)) == fates
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_stop_dropping_empties_the_chains_in_one_restore_and_the_drops_stop(
+    netns: str, backend: str
+) -> None:
+    """The disable's first step: one restore (the emptying script, no save), after which the
+    kernel delivers the IPIP the guard dropped; remove() then takes jumps and chains."""
+    run = InNamespace(netns)
+    run(["ip", "link", "set", "lo", "up"], None)
+    run(["ip", "addr", "add", "10.99.0.1/24", "dev", "lo"], None)
+    guard = Guard("n1", backend, run)
+    Guard("n1", backend, run).stop_dropping()  # knows of no guard: touches nothing
+    assert run.restores == []
+    guard.ensure(OUTSIDE)
+    run.restores.clear()
+    guard.stop_dropping()
+    assert run.restores == [emptying_script()]
+    saved = run.save(backend)
+    assert "-j OVERLAY-VICI-GUARD-OUT" in saved and "--pol none" not in saved
+    probe = run([sys.executable, "-c", PROBE, "10.99.0.1>10.99.0.7"], None).stdout.split()
+    assert probe == ["delivered"]
+    assert guard.remove() is True
+    assert "OVERLAY-VICI" not in run.save(backend)
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
