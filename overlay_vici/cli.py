@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from overlay_vici.netfilter import Guard
 
 
+def _add_node_keys(parser: argparse.ArgumentParser) -> None:
+    """This node and its mounted keyring: what the agent and the guard's install read."""
+    parser.add_argument("--node", required=True, help="this node's name, as in the keyring")
+    parser.add_argument(
+        "--keys",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory of the mounted key Secret (holds keyring.json)",
+    )
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     group = parser.add_argument_group("IPsec settings (what charon is told)")
@@ -135,14 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep this node's charon loaded with one IKEv2 connection and per-pair "
         "keys for every peer in the mounted key Secret; reload when it changes.",
     )
-    agent.add_argument("--node", required=True, help="this node's name, as in the keyring")
-    agent.add_argument(
-        "--keys",
-        required=True,
-        type=Path,
-        metavar="DIR",
-        help="directory of the mounted key Secret (holds keyring.json)",
-    )
+    _add_node_keys(agent)
     agent.add_argument(
         "--vici",
         required=True,
@@ -275,14 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reboot erased gets it back before charon and the agent start, and even if the agent "
         "cannot. Prints what it left installed; exit 2 if the keyring cannot be read.",
     )
-    guard_install.add_argument("--node", required=True, help="this node's name, as in the keyring")
-    guard_install.add_argument(
-        "--keys",
-        required=True,
-        type=Path,
-        metavar="DIR",
-        help="directory of the mounted key Secret (holds keyring.json)",
-    )
+    _add_node_keys(guard_install)
     for action in (guard_show, guard_remove, guard_install):
         action.add_argument(
             "--iptables-backend",

@@ -725,18 +725,27 @@ def test_run_reloads_a_restarted_charon_without_waiting_for_resync(
     assert not thread.is_alive()
 
 
-def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
+def _highest_ip_agent(
     charon: CharonProcess, tmp_path: Path
-) -> None:
-    """Connections a charon did not hold are initiated from the higher-IP end too, after
-    INITIATE_GRACE, when no IKE_SA came up: the lower-IP peers (which initiate at once)
-    may still hold IKE_SAs with a charon that is gone, which only INITIAL_CONTACT replaces."""
+) -> tuple[Agent, RecordingCharon, set[str]]:
+    """An agent for the highest-IP node of four (it initiates to none of its peers by
+    itself), recording its requests; and the connections to its lower-IP peers."""
     keyring = build_keyring(4)
     highest = keyring.peers[-1].name
     recording = RecordingCharon(charon.uri)
     keys = tmp_path / "keys"
     publish_secret(keys, {KEYRING_FILE: dumps(keyring)})
     agent = Agent(AgentConfig(highest, keys, Settings(), resync_seconds=60), recording)
+    return agent, recording, {conn_name(p.name) for p in keyring.peers if p.name != highest}
+
+
+def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
+    charon: CharonProcess, tmp_path: Path
+) -> None:
+    """Connections a charon did not hold are initiated from the higher-IP end too, after
+    INITIATE_GRACE, when no IKE_SA came up: the lower-IP peers (which initiate at once)
+    may still hold IKE_SAs with a charon that is gone, which only INITIAL_CONTACT replaces."""
+    agent, recording, lower_peers = _highest_ip_agent(charon, tmp_path)
     try:
         wait = agent.step()
         assert wait <= INITIATE_GRACE
@@ -744,7 +753,7 @@ def test_a_new_charon_gets_the_lower_ip_peers_initiated_after_a_grace(
         time.sleep(INITIATE_GRACE)
         agent.step()
         initiated = {m["ike"] for c, m in recording.log if c == "initiate" and m}
-        assert initiated == {conn_name(p.name) for p in keyring.peers if p.name != highest}
+        assert initiated == lower_peers
         before = len(recording.log)
         agent.step()  # IKE_SAs now exist (connecting): nothing is initiated again
         assert "initiate" not in [c for c, _ in recording.log[before:]]
@@ -757,12 +766,7 @@ def test_a_charon_restarted_under_the_agent_gets_every_peer_initiated_at_once(
 ) -> None:
     """No grace after a restart the agent saw: the lower-IP peers' own initiations went
     unanswered while charon was down, and charon retransmits them only after 4 s."""
-    keyring = build_keyring(4)
-    highest = keyring.peers[-1].name
-    recording = RecordingCharon(charon.uri)
-    keys = tmp_path / "keys"
-    publish_secret(keys, {KEYRING_FILE: dumps(keyring)})
-    agent = Agent(AgentConfig(highest, keys, Settings(), resync_seconds=60), recording)
+    agent, recording, lower_peers = _highest_ip_agent(charon, tmp_path)
     try:
         agent.step()
         charon.kill()
@@ -770,7 +774,7 @@ def test_a_charon_restarted_under_the_agent_gets_every_peer_initiated_at_once(
         before = len(recording.log)
         wait = agent.step()
         initiated = {m["ike"] for c, m in recording.log[before:] if c == "initiate" and m}
-        assert initiated == {conn_name(p.name) for p in keyring.peers if p.name != highest}
+        assert initiated == lower_peers
         assert wait > INITIATE_GRACE  # nothing left pending
     finally:
         recording.close()
