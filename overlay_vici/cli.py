@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from overlay_vici import log
 from overlay_vici.keyring import KeyringError
 from overlay_vici.mtu import ipip_mtu
-from overlay_vici.render import Settings, SettingsError
+from overlay_vici.render import Settings, SettingsError, seconds
 
 if TYPE_CHECKING:
     from overlay_vici.netfilter import Guard
@@ -85,16 +84,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `15m`, `24h` or `7d`."""
-    match = _DURATION.match(text.strip())
-    if not match or float(match[1]) <= 0:
+    """Seconds from `90`, `90s`, `15m`, `24h` or `7d` (render.seconds), and more than 0."""
+    try:
+        value = seconds(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 24h or 7d")
-    return float(match[1]) * _UNITS[match[2]]
+    return value
 
 
 def _add_kube(parser: argparse.ArgumentParser) -> None:

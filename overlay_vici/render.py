@@ -31,7 +31,8 @@ def _builtin_templates() -> Path:
 BUILTIN_TEMPLATES = _builtin_templates()
 CONN_PREFIX = "ov-"
 _DURATION = re.compile(r"^\d+[smhd]?$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PARTS = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
 
 
@@ -108,13 +109,16 @@ def ike_rand_time(settings: Settings, keyring: Keyring) -> str:
     equal to the loaded one; after a switch of the sent generation the stale IKE_SAs' config
     differs, so the agent's reauthentication (sa_plan.plan_sas) gets a new IKE_SA beside
     the stale one, while an initiation racing a trap's acquire still shares one."""
-    longest = max(_seconds(settings.ike_rekey_time), _seconds(settings.reauth_time))
+    longest = int(max(seconds(settings.ike_rekey_time), seconds(settings.reauth_time)))
     return f"{longest // 10 + keyring.sent % 2}s"
 
 
-def _seconds(duration: str) -> int:
-    unit = duration[-1] if duration[-1] in _UNITS else "s"
-    return int(duration.rstrip("".join(_UNITS))) * _UNITS[unit]
+def seconds(duration: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `24h` or `7d`; ValueError for anything else."""
+    match = _DURATION_PARTS.match(duration.strip())
+    if not match:
+        raise ValueError(f"{duration!r} is not a duration like 90s, 15m, 24h or 7d")
+    return float(match[1]) * _UNITS[match[2]]
 
 
 def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
