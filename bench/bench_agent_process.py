@@ -2,7 +2,7 @@
 the VICI event thread, against the same process with `--metrics-port 0`.
 
 For every peer count N (this node plus N peers, two generations, keyrings built like
-tests/keyring_fixtures.py, published with overlay_vici.files.publish_secret), against one
+tests/keyring_fixtures.py, published with overlay_vici.core.files.publish_secret), against one
 private charon started as bench/bench_reconcile.py starts it, this runs the real console
 script (`.venv/bin/overlay-vici agent --node ... --keys ... --vici unix://... --status ...
 --no-guard --resync 30`) --repeat times in each variant, alternating their order:
@@ -51,10 +51,10 @@ from pathlib import Path
 from bench_reconcile import PrivateCharon, loadavg, log, lower_bound, machine
 
 import overlay_vici
-from overlay_vici.files import publish_secret
-from overlay_vici.keyring import Keyring, dumps
-from overlay_vici.render import Settings, swanctl_conf
-from overlay_vici.swanctl_conf import to_messages
+from overlay_vici.agent.render import Settings, swanctl_conf
+from overlay_vici.agent.swanctl_conf import to_messages
+from overlay_vici.core.files import publish_secret
+from overlay_vici.core.keyring import Keyring, dumps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from keyring_fixtures import build_keyring, node_name

@@ -23,11 +23,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from overlay_vici import keyring as kr
-from overlay_vici.files import write_json
-from overlay_vici.lease import AGENT_LABEL, AGENT_LABEL_VALUE, STATUS_ANNOTATION, lease_name
-from overlay_vici.master import Master
-from overlay_vici.rotation import AgentReport, NodeInfo, Policy, decide, dumps_state
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.files import write_json
+from overlay_vici.master.master import Master
+from overlay_vici.master.rotation import AgentReport, NodeInfo, Policy, decide, dumps_state
+from overlay_vici.reporter.lease import (
+    AGENT_LABEL,
+    AGENT_LABEL_VALUE,
+    STATUS_ANNOTATION,
+    lease_name,
+)
 
 SECRET_LIMIT = 1024 * 1024
 POLICY = Policy(interval=86400, agent_timeout=90)
@@ -109,7 +114,7 @@ def bench_kube(n: int, listed: list[NodeInfo], start: Any, repeat: int) -> tuple
     list N agent Leases, decide, replace the Secret. Measured on the stage -> switch step."""
     from kubefake import FakeKube
 
-    from overlay_vici.kube import KubeStore, api_client
+    from overlay_vici.master.kube import KubeStore, api_client
 
     class Nodes:
         def __init__(self) -> None:
@@ -166,7 +171,7 @@ def ack_all(fake: Any, decision: Any, now: float) -> None:
 
 def bench_local(n: int, listed: list[NodeInfo], repeat: int) -> tuple[float, float]:
     """Master.step() in local mode: read N status files, decide, publish N+1 Secret copies."""
-    from overlay_vici.local import LocalStore, node_status_path, request_rotation
+    from overlay_vici.master.local import LocalStore, node_status_path, request_rotation
 
     times = []
     for _ in range(repeat):

@@ -59,20 +59,20 @@ from unittest import mock
 import vici
 from vici.exception import CommandException
 
-from overlay_vici import agent as agent_module
-from overlay_vici import render as render_module
-from overlay_vici.agent import Agent, AgentConfig
-from overlay_vici.charon import Charon
-from overlay_vici.files import publish_secret
-from overlay_vici.keyring import Generation, Keyring, Peer, dumps, new_generation_key
-from overlay_vici.plan import Desired
-from overlay_vici.render import Settings, strongswan_conf
-from overlay_vici.swanctl_conf import Messages, to_messages
+from overlay_vici.agent import agent as agent_module
+from overlay_vici.agent import render as render_module
+from overlay_vici.agent.agent import Agent, AgentConfig
+from overlay_vici.agent.charon import Charon
+from overlay_vici.agent.plan import Desired
+from overlay_vici.agent.render import Settings, strongswan_conf
+from overlay_vici.agent.swanctl_conf import Messages, to_messages
+from overlay_vici.core.files import publish_secret
+from overlay_vici.core.keyring import Generation, Keyring, Peer, dumps, new_generation_key
 
 NODE = "n0"
 PEER_BASE = IPv4Address("10.0.0.1")  # peer n<i> has PEER_BASE + i, for i = 1 .. N (+ added)
 SETTINGS = Settings()
-# The agent's functions whose time the split reports, as looked up by overlay_vici.agent.
+# The agent's functions whose time the split reports, as looked up by overlay_vici.agent.agent.
 AGENT_FUNCTIONS = {
     "read_keyring_bytes": "read keyring",
     "loads": "validate",
@@ -118,11 +118,12 @@ MEMORY_CHILD = r"""
 import json, sys
 from pathlib import Path
 
-import overlay_vici.agent, overlay_vici.charon, overlay_vici.files, overlay_vici.keyring
-import overlay_vici.plan, overlay_vici.render, overlay_vici.sa_plan, overlay_vici.swanctl_conf
-from overlay_vici.agent import Agent, AgentConfig
-from overlay_vici.charon import Charon
-from overlay_vici.render import Settings
+import overlay_vici.agent.agent, overlay_vici.agent.charon, overlay_vici.agent.plan
+import overlay_vici.agent.render, overlay_vici.agent.sa_plan, overlay_vici.agent.swanctl_conf
+import overlay_vici.core.files, overlay_vici.core.keyring
+from overlay_vici.agent.agent import Agent, AgentConfig
+from overlay_vici.agent.charon import Charon
+from overlay_vici.agent.render import Settings
 
 mode = sys.argv[1]
 messages = 0

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from overlay_vici import log
-from overlay_vici.keyring import KeyringError
-from overlay_vici.mtu import ipip_mtu
-from overlay_vici.render import Settings, SettingsError, seconds
+from overlay_vici.agent.mtu import ipip_mtu
+from overlay_vici.agent.render import Settings, SettingsError, seconds
+from overlay_vici.core import log
+from overlay_vici.core.keyring import KeyringError
 
 if TYPE_CHECKING:
-    from overlay_vici.netfilter import Guard
+    from overlay_vici.agent.netfilter import Guard
 
 
 def _add_node_keys(parser: argparse.ArgumentParser) -> None:
@@ -450,7 +450,7 @@ def _mtu(args: argparse.Namespace) -> int:
             raise ValueError("mtu needs the external MTU (EXTMTU), or --check")
         print(ipip_mtu(args.external_mtu))
         return 0
-    from overlay_vici.mtu import check
+    from overlay_vici.agent.mtu import check
 
     if args.external_mtu is not None:
         raise ValueError("with --check, state the network MTU as --external-mtu N")
@@ -460,12 +460,12 @@ def _mtu(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from overlay_vici.render import strongswan_conf, swanctl_conf
+    from overlay_vici.agent.render import strongswan_conf, swanctl_conf
 
     if args.target == "strongswan":
         print(strongswan_conf(args.vici_socket, args.log_file, args.templates), end="")
         return 0
-    from overlay_vici.files import read_keyring
+    from overlay_vici.core.files import read_keyring
 
     keyring = read_keyring(args.keys)
     print(swanctl_conf(keyring, args.node, _settings(args), args.templates), end="")
@@ -473,7 +473,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _guard(args: argparse.Namespace) -> int:
-    from overlay_vici.netfilter import Guard
+    from overlay_vici.agent.netfilter import Guard
 
     log.setup("error")  # the printed lines say what happened
     guard = Guard(getattr(args, "node", ""), args.iptables_backend)
@@ -506,7 +506,7 @@ def _guard(args: argparse.Namespace) -> int:
 
 def _install_guard(args: argparse.Namespace, guard: Guard) -> bool:
     """Install the guard as the agent would at this moment; False if encryption is not on."""
-    from overlay_vici.files import read_keyring
+    from overlay_vici.core.files import read_keyring
 
     keyring = read_keyring(args.keys)
     mode = keyring.mode_for(args.node, time.time())
@@ -519,9 +519,9 @@ def _install_guard(args: argparse.Namespace, guard: Guard) -> bool:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from overlay_vici.agent import Agent, AgentConfig
-    from overlay_vici.charon import Charon
-    from overlay_vici.netfilter import Guard
+    from overlay_vici.agent.agent import Agent, AgentConfig
+    from overlay_vici.agent.charon import Charon
+    from overlay_vici.agent.netfilter import Guard
 
     log.setup(args.log_level)
     config = AgentConfig(
@@ -541,7 +541,7 @@ def _agent(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log.info("agent starting", node=args.node, keys=str(args.keys), vici=args.vici)
-    from overlay_vici.mtu import log_check
+    from overlay_vici.agent.mtu import log_check
 
     log_check()  # warns once if tunl0's MTU is too large for IPsec
     if args.metrics_port:
@@ -553,8 +553,8 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ignore[no-untyped-def]
     """/metrics and /healthz, and the VICI event subscription they count from."""
-    from overlay_vici import metrics
-    from overlay_vici.charon import EventWatcher
+    from overlay_vici.agent import metrics
+    from overlay_vici.agent.charon import EventWatcher
 
     agent_metrics = metrics.AgentMetrics(args.resync)
     agent_metrics.events = EventWatcher(
@@ -567,9 +567,9 @@ def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ig
 
 def _edge_errors() -> tuple[type[Exception], ...]:
     """The edges' one-sentence errors, without importing `kubernetes` for other commands."""
-    from overlay_vici.netfilter import GuardError
+    from overlay_vici.agent.netfilter import GuardError
 
-    kube = sys.modules.get("overlay_vici.kube")
+    kube = sys.modules.get("overlay_vici.master.kube")
     return (GuardError, kube.KubeError) if kube else (GuardError,)
 
 
@@ -578,7 +578,7 @@ def _api_call(call, *args):  # type: ignore[no-untyped-def]
     from kubernetes.client import ApiException
     from urllib3.exceptions import HTTPError
 
-    from overlay_vici.kube import KubeError
+    from overlay_vici.master.kube import KubeError
 
     try:
         return call(*args)
@@ -596,14 +596,14 @@ def _stop_event() -> threading.Event:
 
 
 def _namespace(args: argparse.Namespace) -> str:
-    from overlay_vici.lease import in_cluster_namespace
+    from overlay_vici.reporter.lease import in_cluster_namespace
 
     return args.namespace or in_cluster_namespace() or "default"
 
 
 def _kube_store(args: argparse.Namespace, **kwargs: object):  # type: ignore[no-untyped-def]
     try:
-        from overlay_vici.kube import KubeStore, api_client
+        from overlay_vici.master.kube import KubeStore, api_client
     except ImportError:
         raise ValueError(
             "Kubernetes mode needs the kubernetes package (pip install overlay-vici[master]); "
@@ -614,8 +614,8 @@ def _kube_store(args: argparse.Namespace, **kwargs: object):  # type: ignore[no-
 
 
 def _master(args: argparse.Namespace) -> int:
-    from overlay_vici.master import Master
-    from overlay_vici.rotation import Policy
+    from overlay_vici.master.master import Master
+    from overlay_vici.master.rotation import Policy
 
     log.setup(args.log_level)
     policy = Policy(
@@ -623,7 +623,7 @@ def _master(args: argparse.Namespace) -> int:
     )
     stop = _stop_event()
     if args.local:
-        from overlay_vici.local import LocalStore, read_nodes
+        from overlay_vici.master.local import LocalStore, read_nodes
 
         if args.nodes is None:
             raise ValueError("--local needs --nodes FILE, the YAML or JSON list of {name, ip}")
@@ -640,7 +640,7 @@ def _master(args: argparse.Namespace) -> int:
         return 0
     import socket
 
-    from overlay_vici.kube import NodeWatcher
+    from overlay_vici.master.kube import NodeWatcher
 
     wake = threading.Event()
     kube, api = _kube_store(
@@ -663,7 +663,7 @@ def _master(args: argparse.Namespace) -> int:
 def _master_metrics(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if not args.metrics_port:
         return None
-    from overlay_vici import metrics
+    from overlay_vici.agent import metrics
 
     master_metrics = metrics.MasterMetrics(args.tick)
     metrics.start(args.metrics_port, master_metrics.registry, master_metrics.health, "master")
@@ -675,7 +675,7 @@ def _rotate(args: argparse.Namespace) -> int:
     import time
 
     if args.local:
-        from overlay_vici.local import request_rotation
+        from overlay_vici.master.local import request_rotation
 
         request_rotation(args.local)
     else:
@@ -693,7 +693,7 @@ def _encryption(args: argparse.Namespace) -> int:
             "kubectl -n overlay-vici patch configmap overlay-vici-config --type merge "
             f"""-p '{{"data":{{"enabled":"{value}"}}}}'"""
         )
-    from overlay_vici.local import set_encryption
+    from overlay_vici.master.local import set_encryption
 
     set_encryption(args.local, args.state == "on")
     print(f"encryption {args.state} requested; follow the cutover with `overlay-vici status`")
@@ -703,11 +703,11 @@ def _encryption(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import time
 
-    from overlay_vici.master import mesh_status
-    from overlay_vici.rotation import Policy
+    from overlay_vici.master.master import mesh_status
+    from overlay_vici.master.rotation import Policy
 
     if args.local:
-        from overlay_vici.local import read_reports, read_snapshot, secret_dir
+        from overlay_vici.master.local import read_reports, read_snapshot, secret_dir
 
         if not (secret_dir(args.local) / "keyring.json").exists():
             raise ValueError(
@@ -797,7 +797,7 @@ def _switch_text(view: dict) -> str:  # type: ignore[type-arg]
 
 
 def _report_lease(args: argparse.Namespace) -> int:
-    from overlay_vici.lease import ApiServer, LeaseReporter, run_reporter
+    from overlay_vici.reporter.lease import ApiServer, LeaseReporter, run_reporter
 
     log.setup(args.log_level)
     api = (
@@ -811,7 +811,7 @@ def _report_lease(args: argparse.Namespace) -> int:
     reporter = LeaseReporter(api, namespace, args.node)
     log.info("lease reporter starting", node=args.node, status=str(args.status))
     if args.daemonset:
-        from overlay_vici.removal import RemovalWatch
+        from overlay_vici.reporter.removal import RemovalWatch
 
         watch = RemovalWatch(api, namespace, args.daemonset, args.removal_notice, args.node)
         threading.Thread(target=watch.run, args=(stop,), daemon=True).start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
-from overlay_vici.keyring import Generation, Keyring, Peer
+from overlay_vici.core.keyring import Generation, Keyring, Peer
 
 MakeKeyring = Callable[..., Keyring]
 

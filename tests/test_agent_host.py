@@ -30,12 +30,12 @@ import pytest
 import vici
 from keyring_fixtures import build_keyring, node_ip
 
-from overlay_vici.agent import Agent, AgentConfig
-from overlay_vici.charon import Charon
-from overlay_vici.files import KEYRING_FILE, publish_secret, write_json
-from overlay_vici.keyring import Encryption, Keyring, Peer, dumps
-from overlay_vici.render import Settings, conn_name, secret_id, strongswan_conf
-from overlay_vici.sa_plan import INITIATE_GRACE
+from overlay_vici.agent.agent import Agent, AgentConfig
+from overlay_vici.agent.charon import Charon
+from overlay_vici.agent.render import Settings, conn_name, secret_id, strongswan_conf
+from overlay_vici.agent.sa_plan import INITIATE_GRACE
+from overlay_vici.core.files import KEYRING_FILE, publish_secret, write_json
+from overlay_vici.core.keyring import Encryption, Keyring, Peer, dumps
 
 CHARON = "/usr/lib/ipsec/charon"
 NODE = "node-0"
@@ -788,8 +788,8 @@ def test_metrics_and_charons_event_stream(harness: Harness, charon: CharonProces
 
     from prometheus_client import generate_latest
 
-    from overlay_vici.charon import EventWatcher
-    from overlay_vici.metrics import AgentMetrics
+    from overlay_vici.agent.charon import EventWatcher
+    from overlay_vici.agent.metrics import AgentMetrics
 
     seen: list[tuple[str, dict[str, Any]]] = []
     metrics = AgentMetrics(resync=60)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from keyring_fixtures import build_keyring
 
-from overlay_vici import netfilter
+from overlay_vici.agent import netfilter
+from overlay_vici.agent.guard_plan import install_script, outside_peers
+from overlay_vici.agent.render import Settings, strongswan_conf, swanctl_conf
 from overlay_vici.cli import main
-from overlay_vici.files import KEYRING_FILE, publish_secret, read_keyring
-from overlay_vici.guard_plan import install_script, outside_peers
-from overlay_vici.keyring import Encryption, Peer, dumps
-from overlay_vici.render import Settings, strongswan_conf, swanctl_conf
+from overlay_vici.core.files import KEYRING_FILE, publish_secret, read_keyring
+from overlay_vici.core.keyring import Encryption, Peer, dumps
 
 EXE = Path(sys.executable).with_name("overlay-vici")
 

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from overlay_vici.agent.render import Settings
 from overlay_vici.cli import _settings as settings_of
 from overlay_vici.cli import build_parser, duration
-from overlay_vici.render import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -434,7 +434,7 @@ def test_every_config_key_is_consumed_and_every_reference_exists() -> None:
 def test_the_master_follows_the_switch_from_the_mounted_settings(tmp_path: Path) -> None:
     """The master reads `enabled` as a file kubelet keeps current; the agents never see it
     (they follow the keyring, which says when to switch)."""
-    from overlay_vici.master import SwitchFile
+    from overlay_vici.master.master import SwitchFile
 
     master = container(the("Deployment"), "master")
     args = expand(master["args"], env_values(master))
@@ -594,9 +594,9 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
             pytest.skip(f"iptables-{backend} is missing or does not work on this kernel")
     from keyring_fixtures import build_keyring
 
-    from overlay_vici.files import KEYRING_FILE, publish_secret
-    from overlay_vici.keyring import dumps
-    from overlay_vici.render import conn_name
+    from overlay_vici.agent.render import conn_name
+    from overlay_vici.core.files import KEYRING_FILE, publish_secret
+    from overlay_vici.core.keyring import dumps
 
     keys = tmp_path / "keys"
     publish_secret(keys, {KEYRING_FILE: dumps(build_keyring(3))})

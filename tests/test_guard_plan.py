@@ -6,7 +6,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from overlay_vici.guard_plan import (
+from overlay_vici.agent.guard_plan import (
     IN,
     OUT,
     GuardPeer,

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keyring_fixtures import build_keyring
 
-from overlay_vici import keyring as kr
-from overlay_vici.keyring import Generation, KeyringError, Peer, dumps, loads, pair_psk
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.keyring import Generation, KeyringError, Peer, dumps, loads, pair_psk
 
 
 def valid_doc() -> dict[str, Any]:

@@ -22,13 +22,13 @@ pytest.importorskip("kubernetes")
 
 from kubefake import FakeKube
 
-from overlay_vici import keyring as kr
 from overlay_vici.cli import main
-from overlay_vici.files import write_json
-from overlay_vici.kube import REQUEST_ANNOTATION, KubeStore, NodeWatcher, api_client
-from overlay_vici.lease import ApiServer, LeaseReporter, lease_name, run_reporter
-from overlay_vici.master import Master
-from overlay_vici.rotation import Policy
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.files import write_json
+from overlay_vici.master.kube import REQUEST_ANNOTATION, KubeStore, NodeWatcher, api_client
+from overlay_vici.master.master import Master
+from overlay_vici.master.rotation import Policy
+from overlay_vici.reporter.lease import ApiServer, LeaseReporter, lease_name, run_reporter
 
 NS = "ovv"
 SECRET = "overlay-vici-keys"
@@ -604,7 +604,7 @@ def test_the_fake_api_server_validates_events_as_kube_apiserver_does(kube: FakeK
 def test_a_failing_event_is_logged_once_and_the_rotation_goes_on(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overlay_vici import log
+    from overlay_vici.core import log
 
     log.setup("info")
     h, kube = harness, harness.kube
@@ -734,7 +734,7 @@ def test_the_enabled_file_switches_every_node_through_the_api(
     import subprocess
     import sys
 
-    from overlay_vici.files import publish_secret
+    from overlay_vici.core.files import publish_secret
 
     settings = tmp_path / "settings"
     publish_secret(settings, {"enabled": "true"})
@@ -811,7 +811,7 @@ def test_the_enabled_file_switches_every_node_through_the_api(
 
 
 def test_the_switchs_events_name_the_moment_and_any_agents_skipped() -> None:
-    from overlay_vici.kube import k8s_event
+    from overlay_vici.master.kube import k8s_event
 
     scheduled = k8s_event(
         "encryption switch scheduled",

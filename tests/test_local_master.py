@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from overlay_vici import keyring as kr
 from overlay_vici.cli import main
-from overlay_vici.files import write_json
-from overlay_vici.local import (
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.files import write_json
+from overlay_vici.master.local import (
     LocalStore,
     NodesFileError,
     node_secret_dir,
@@ -23,8 +23,8 @@ from overlay_vici.local import (
     parse_nodes,
     secret_dir,
 )
-from overlay_vici.master import Master
-from overlay_vici.rotation import NodeInfo, Policy
+from overlay_vici.master.master import Master
+from overlay_vici.master.rotation import NodeInfo, Policy
 
 EXE = Path(sys.executable).with_name("overlay-vici")
 POLICY = Policy(interval=3600, agent_timeout=30)
@@ -213,8 +213,8 @@ def test_a_second_local_master_on_the_same_state_refuses(tmp_path: Path) -> None
 def test_the_agent_side_never_imports_kubernetes() -> None:
     """`kubernetes` is the [master] extra: the agent, the Lease edge and local mode do without."""
     code = (
-        "import sys, overlay_vici.agent, overlay_vici.cli, overlay_vici.lease, "
-        "overlay_vici.local, overlay_vici.master, overlay_vici.rotation; "
+        "import sys, overlay_vici.agent.agent, overlay_vici.cli, overlay_vici.reporter.lease, "
+        "overlay_vici.master.local, overlay_vici.master.master, overlay_vici.master.rotation; "
         "sys.exit('kubernetes' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -304,7 +304,7 @@ def test_a_master_started_after_encryption_off_creates_the_mesh_off(
 def test_a_garbled_switch_file_keeps_the_switch_and_is_logged_once(
     local: tuple[Path, Path, Master], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overlay_vici import log
+    from overlay_vici.core import log
 
     log.setup("info")
     state, _, master = local

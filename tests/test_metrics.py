@@ -23,11 +23,8 @@ from keyring_fixtures import build_keyring
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from overlay_vici import metrics
-from overlay_vici.keyring import Generation, Keyring, Peer
-from overlay_vici.local import LocalStore
-from overlay_vici.master import Master
-from overlay_vici.metrics import (
+from overlay_vici.agent import metrics
+from overlay_vici.agent.metrics import (
     AgentCounts,
     AgentMetrics,
     MasterMetrics,
@@ -37,9 +34,12 @@ from overlay_vici.metrics import (
     master_families,
     peer_sa_up,
 )
-from overlay_vici.render import conn_name
-from overlay_vici.rotation import Decision, MasterState, Policy
-from overlay_vici.sa_plan import IkeSa
+from overlay_vici.agent.render import conn_name
+from overlay_vici.agent.sa_plan import IkeSa
+from overlay_vici.core.keyring import Generation, Keyring, Peer
+from overlay_vici.master.local import LocalStore
+from overlay_vici.master.master import Master
+from overlay_vici.master.rotation import Decision, MasterState, Policy
 
 EXE = Path(sys.executable).with_name("overlay-vici")
 
@@ -287,7 +287,7 @@ def test_agent_metrics_observe_and_health() -> None:
 def test_a_broken_observation_is_logged_and_never_raises(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from overlay_vici import log
+    from overlay_vici.core import log
 
     log.setup("info")
     m = AgentMetrics(resync=30)
@@ -478,8 +478,8 @@ def test_an_agent_without_charon_is_unhealthy_and_counts_the_failures(tmp_path: 
     """The agent's endpoint with no charon behind the socket: /healthz 503, the failed
     connects counted, the event subscription down; no tunl0 here, so no MTU warning."""
     keys = tmp_path / "keys"
-    from overlay_vici.files import KEYRING_FILE, publish_secret
-    from overlay_vici.keyring import dumps
+    from overlay_vici.core.files import KEYRING_FILE, publish_secret
+    from overlay_vici.core.keyring import dumps
 
     publish_secret(keys, {KEYRING_FILE: dumps(build_keyring(3))})
     port = free_port()

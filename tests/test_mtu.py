@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from overlay_vici import mtu
-from overlay_vici.cli import main
-from overlay_vici.mtu import (
+from overlay_vici.agent import mtu
+from overlay_vici.agent.mtu import (
     Link,
     MtuError,
     Route,
@@ -21,6 +20,7 @@ from overlay_vici.mtu import (
     read_links,
     verdict,
 )
+from overlay_vici.cli import main
 
 
 def wire_size(inner: int) -> int:

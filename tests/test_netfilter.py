@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from overlay_vici import netfilter
-from overlay_vici.guard_plan import IN, emptying_script
-from overlay_vici.netfilter import Guard, GuardError, detect_backend
+from overlay_vici.agent import netfilter
+from overlay_vici.agent.guard_plan import IN, emptying_script
+from overlay_vici.agent.netfilter import Guard, GuardError, detect_backend
 
 pytestmark = pytest.mark.skipif(
     not (os.geteuid() == 0 and shutil.which("ip") and shutil.which("iptables-legacy-save")),

@@ -6,9 +6,9 @@ from functools import cache
 
 from keyring_fixtures import build_keyring
 
-from overlay_vici.plan import Command, Desired, digest, plan
-from overlay_vici.render import Settings, conn_name, secret_id, swanctl_conf
-from overlay_vici.swanctl_conf import Messages, to_messages
+from overlay_vici.agent.plan import Command, Desired, digest, plan
+from overlay_vici.agent.render import Settings, conn_name, secret_id, swanctl_conf
+from overlay_vici.agent.swanctl_conf import Messages, to_messages
 
 NODE = "node-0"
 

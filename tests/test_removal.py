@@ -15,10 +15,10 @@ import pytest
 from kubefake import FakeKube
 from kubernetes.client import AppsV1Api, V1DeleteOptions
 
-from overlay_vici import log
-from overlay_vici.kube import api_client
-from overlay_vici.lease import ApiServer
-from overlay_vici.removal import Fate, RemovalWatch, read_notice
+from overlay_vici.core import log
+from overlay_vici.master.kube import api_client
+from overlay_vici.reporter.lease import ApiServer
+from overlay_vici.reporter.removal import Fate, RemovalWatch, read_notice
 
 NS, DS = "overlay-vici", "overlay-vici-agent"
 

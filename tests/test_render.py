@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from keyring_fixtures import MakeKeyring, build_keyring, node_ip
 
-from overlay_vici.keyring import pair_psk
-from overlay_vici.render import (
+from overlay_vici.agent.render import (
     Settings,
     SettingsError,
     conn_name,
@@ -19,7 +18,8 @@ from overlay_vici.render import (
     strongswan_conf,
     swanctl_conf,
 )
-from overlay_vici.swanctl_conf import parse_settings, to_messages
+from overlay_vici.agent.swanctl_conf import parse_settings, to_messages
+from overlay_vici.core.keyring import pair_psk
 
 
 def rendered(peers: int = 4, node: str = "node-1", **settings: str) -> dict[str, Any]:

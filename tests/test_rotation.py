@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from overlay_vici import keyring as kr
-from overlay_vici.rotation import (
+from overlay_vici.core import keyring as kr
+from overlay_vici.master.rotation import (
     AgentReport,
     Decision,
     MasterState,

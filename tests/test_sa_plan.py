@@ -6,7 +6,14 @@ from ipaddress import ip_address
 
 import pytest
 
-from overlay_vici.sa_plan import REAUTH_AFTER, REAUTH_POLL, REAUTH_RETRY, IkeSa, Timing, plan_sas
+from overlay_vici.agent.sa_plan import (
+    REAUTH_AFTER,
+    REAUTH_POLL,
+    REAUTH_RETRY,
+    IkeSa,
+    Timing,
+    plan_sas,
+)
 
 ME, LOW, HIGH = ip_address("10.0.0.5"), ip_address("10.0.0.1"), ip_address("10.0.0.9")
 PEERS = {"ov-low": LOW, "ov-high": HIGH}

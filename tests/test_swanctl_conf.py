@@ -27,8 +27,13 @@ from hypothesis import strategies as st
 from keyring_fixtures import build_keyring
 from vici.protocol import FiniteStream, Message, Packet
 
-from overlay_vici.render import Settings, swanctl_conf
-from overlay_vici.swanctl_conf import Messages, SwanctlSyntaxError, parse_settings, to_messages
+from overlay_vici.agent.render import Settings, swanctl_conf
+from overlay_vici.agent.swanctl_conf import (
+    Messages,
+    SwanctlSyntaxError,
+    parse_settings,
+    to_messages,
+)
 
 SWANCTL = shutil.which("swanctl") or "/usr/sbin/swanctl"
 

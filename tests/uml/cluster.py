@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import vici
 from mesh import Mesh, Node, swanctl
 
-from overlay_vici import keyring as kr
-from overlay_vici.files import KEYRING_FILE, publish_secret
-from overlay_vici.render import strongswan_conf
+from overlay_vici.agent.render import strongswan_conf
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.files import KEYRING_FILE, publish_secret
 
 AGENT = str(Path(sys.executable).with_name("overlay-vici"))
 T = TypeVar("T")
@@ -219,7 +219,7 @@ class LocalMaster:
         )
 
     def snapshot(self) -> Any:
-        from overlay_vici.local import read_snapshot
+        from overlay_vici.master.local import read_snapshot
 
         return read_snapshot(self.state)
 

@@ -16,9 +16,9 @@ import pytest
 from cluster import Cluster, agent_events, loaded, sa_blocks, status, wait_for
 from mesh import Mesh, Node, ping_once, shortfalls
 
-from overlay_vici import keyring as kr
-from overlay_vici.files import KEYRING_FILE, publish_secret
-from overlay_vici.render import conn_name, secret_id
+from overlay_vici.agent.render import conn_name, secret_id
+from overlay_vici.core import keyring as kr
+from overlay_vici.core.files import KEYRING_FILE, publish_secret
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 
@@ -257,7 +257,7 @@ def df_ping(src: Node, dst: Node, packet: int) -> int:
 
 def test_overlay_vici_mtu_is_the_largest_that_fits(tmp_path: Path) -> None:
     """`overlay-vici mtu 1500` (1446) crosses a 1500-byte wire encrypted; 4 bytes more do not."""
-    from overlay_vici.mtu import ipip_mtu
+    from overlay_vici.agent.mtu import ipip_mtu
 
     with Mesh(2, tmp_path) as mesh:
         Cluster(mesh, FAST).up()

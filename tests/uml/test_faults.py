@@ -38,9 +38,9 @@ from cluster import Cluster, LocalMaster, agent_events, loaded, status, wait_for
 from mesh import PING_INTERVAL, Mesh, Node, Pinger, ip_batch
 from test_rotation_mesh import lost_at, wait_applied, wait_phase, wait_rotated
 
-from overlay_vici.files import KEYRING_FILE, publish_secret
-from overlay_vici.guard_plan import GuardPeer, installed_outside
-from overlay_vici.render import conn_name, strongswan_conf
+from overlay_vici.agent.guard_plan import GuardPeer, installed_outside
+from overlay_vici.agent.render import conn_name, strongswan_conf
+from overlay_vici.core.files import KEYRING_FILE, publish_secret
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 MASTER = ["--tick", "0.5", "--agent-timeout", "8s"]

@@ -21,7 +21,7 @@ from typing import Any
 from cluster import AGENT, Cluster, agent_events, status, wait_for
 from mesh import Mesh, Node, ping_once
 
-from overlay_vici import keyring as kr
+from overlay_vici.core import keyring as kr
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 SCRAPE = """

@@ -26,7 +26,7 @@ from cluster import Cluster, LocalMaster, loaded, status, wait_for
 from mesh import Mesh, Node, PairStats, Pinger, ping_once
 from test_agent_mesh import warm_up
 
-from overlay_vici.render import conn_name, is_owned_conn
+from overlay_vici.agent.render import conn_name, is_owned_conn
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 MASTER = ["--tick", "0.5", "--agent-timeout", "8s"]

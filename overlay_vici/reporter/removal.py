@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from overlay_vici import log
-from overlay_vici.files import read_json, write_json
-from overlay_vici.lease import ApiServer
+from overlay_vici.core import log
+from overlay_vici.core.files import read_json, write_json
+from overlay_vici.reporter.lease import ApiServer
 
 WATCH_SECONDS = 300  # the API server ends a watch after this; the next one resumes from its rv
 RETRY_MIN, RETRY_MAX = 1.0, 30.0

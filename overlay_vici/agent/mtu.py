@@ -200,7 +200,7 @@ def check(
 
 def log_check(tunnel: str = DEFAULT_TUNNEL) -> Verdict | None:
     """The agent's check at start: a warning if the tunnel's MTU is too large, else a line."""
-    from overlay_vici import log
+    from overlay_vici.core import log
 
     try:
         result = check(tunnel)

@@ -13,8 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from overlay_vici import log
-from overlay_vici.guard_plan import (
+from overlay_vici.agent.guard_plan import (
     HOOKS,
     GuardPeer,
     choose_backend,
@@ -24,6 +23,7 @@ from overlay_vici.guard_plan import (
     outside_peers,
     removal_script,
 )
+from overlay_vici.core import log
 
 BACKEND_ENV = "FELIX_IPTABLESBACKEND"  # Calico's own setting, honoured the same way
 VERIFY_EVERY = 30.0  # seconds between checks that nobody flushed the guard

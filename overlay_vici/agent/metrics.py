@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from overlay_vici import log
+from overlay_vici.core import log
 
 if TYPE_CHECKING:
-    from overlay_vici.agent import Agent
-    from overlay_vici.keyring import Keyring
-    from overlay_vici.master import Master
-    from overlay_vici.rotation import Decision
-    from overlay_vici.sa_plan import IkeSa
+    from overlay_vici.agent.agent import Agent
+    from overlay_vici.agent.sa_plan import IkeSa
+    from overlay_vici.core.keyring import Keyring
+    from overlay_vici.master.master import Master
+    from overlay_vici.master.rotation import Decision
 
 PREFIX = "overlay_vici_"
 # The classic text format, which every Prometheus reads (our names need no escaping, so the
@@ -215,7 +215,7 @@ def agent_families(
 def peer_sa_up(keyring: Keyring | None, node: str, sas: Iterable[IkeSa]) -> dict[str, bool]:
     """Per peer of `node` in the keyring: does an established IKE_SA with an installed
     CHILD_SA exist on its connection?"""
-    from overlay_vici.render import conn_name
+    from overlay_vici.agent.render import conn_name
 
     if keyring is None:
         return {}

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay_vici import keyring as kr
+from overlay_vici.core import keyring as kr
 
 PHASES = ("idle", "stage", "switch", "retire")
 HISTORY = 5  # rotations kept in the master state, for `status` and the benchmark

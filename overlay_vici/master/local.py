@@ -23,10 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from overlay_vici import log
-from overlay_vici.files import publish_secret, read_json, write_atomic
-from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
-from overlay_vici.rotation import AgentReport, NodeInfo
+from overlay_vici.core import log
+from overlay_vici.core.files import publish_secret, read_json, write_atomic
+from overlay_vici.master.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
+from overlay_vici.master.rotation import AgentReport, NodeInfo
 
 MASTER_DIR = "_master"
 REQUEST_FILE = "rotate-request"
@@ -141,7 +141,7 @@ def read_reports(state: Path, names: list[str]) -> dict[str, AgentReport]:
 
 
 class LocalStore:
-    """The Store of overlay_vici.master over files; see the module's layout."""
+    """The Store of overlay_vici.master.master over files; see the module's layout."""
 
     def __init__(self, state: Path, nodes_file: Path) -> None:
         self.state = state

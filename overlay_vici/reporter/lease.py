@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from overlay_vici import log
-from overlay_vici.files import read_json
+from overlay_vici.core import log
+from overlay_vici.core.files import read_json
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 AGENT_LABEL, AGENT_LABEL_VALUE = "overlay-vici.io/role", "agent-ack"

@@ -24,20 +24,10 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
-from overlay_vici import log
-from overlay_vici.charon import Charon, CharonCommandError, CharonUnavailable
-from overlay_vici.files import (
-    SecretWatcher,
-    read_json,
-    read_keyring_bytes,
-    write_atomic,
-    write_json,
-)
-from overlay_vici.keyring import Keyring, KeyringError, loads
-from overlay_vici.netfilter import Guard, GuardError
-from overlay_vici.plan import Command, Desired, plan
-from overlay_vici.removal import read_notice
-from overlay_vici.render import (
+from overlay_vici.agent.charon import Charon, CharonCommandError, CharonUnavailable
+from overlay_vici.agent.netfilter import Guard, GuardError
+from overlay_vici.agent.plan import Command, Desired, plan
+from overlay_vici.agent.render import (
     Settings,
     SettingsError,
     conn_name,
@@ -45,8 +35,18 @@ from overlay_vici.render import (
     local_node,
     swanctl_conf,
 )
-from overlay_vici.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
-from overlay_vici.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
+from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.core import log
+from overlay_vici.core.files import (
+    SecretWatcher,
+    read_json,
+    read_keyring_bytes,
+    write_atomic,
+    write_json,
+)
+from overlay_vici.core.keyring import Keyring, KeyringError, loads
+from overlay_vici.reporter.removal import read_notice
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0

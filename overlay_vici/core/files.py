@@ -13,7 +13,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from overlay_vici.keyring import MAX_KEYRING_BYTES, Keyring, KeyringError, loads, too_large
+from overlay_vici.core.keyring import MAX_KEYRING_BYTES, Keyring, KeyringError, loads, too_large
 
 KEYRING_FILE = "keyring.json"
 

@@ -1,7 +1,7 @@
-"""The master's loop: read the Secret, decide (overlay_vici.rotation), write it back.
+"""The master's loop: read the Secret, decide (overlay_vici.master.rotation), write it back.
 
-The same loop runs in both modes; only the store differs (overlay_vici.local for files,
-overlay_vici.kube for the Kubernetes API). Every write is conditional on the version that
+The same loop runs in both modes; only the store differs (overlay_vici.master.local for files,
+overlay_vici.master.kube for the Kubernetes API). Every write is conditional on the version that
 was read: a conflict means someone else wrote in between, so the loop reads again and
 decides again from their state, never overwriting it.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from overlay_vici import keyring as kr
-from overlay_vici import log
-from overlay_vici.rotation import (
+from overlay_vici.core import keyring as kr
+from overlay_vici.core import log
+from overlay_vici.master.rotation import (
     AgentReport,
     Decision,
     MasterState,
@@ -120,7 +120,7 @@ class Master:
         self.clock = clock
         self.tick = tick
         # Hooks: after every pass of run() (metrics), and for every event an operator
-        # should see beyond the log (Kubernetes Events); see overlay_vici.metrics, kube.
+        # should see beyond the log (Kubernetes Events); see overlay_vici.agent.metrics, kube.
         self.on_step = on_step
         self.notify = notify
         self.last: Decision | None = None
@@ -231,7 +231,7 @@ def mesh_status(
 ) -> dict[str, Any]:
     """What `overlay-vici status` shows: the mesh's generation and phase, and per node its
     agent's report. Pure: the same view in local and Kubernetes mode."""
-    from overlay_vici.rotation import (
+    from overlay_vici.master.rotation import (
         classify,
         completed,
         consistent,

@@ -11,8 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from overlay_vici.render import is_owned_conn, is_owned_secret
-from overlay_vici.swanctl_conf import Messages
+from overlay_vici.agent.render import is_owned_conn, is_owned_secret
+from overlay_vici.agent.swanctl_conf import Messages
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import jinja2
 
-from overlay_vici.keyring import Keyring, Peer, pair_psk
+from overlay_vici.core.keyring import Keyring, Peer, pair_psk
 
 
 def _builtin_templates() -> Path:
     """The checkout's templates/swanctl, or the copy a wheel installs under sys.prefix."""
     if configured := os.environ.get("OVERLAY_VICI_TEMPLATES"):
         return Path(configured)
-    checkout = Path(__file__).resolve().parent.parent / "templates" / "swanctl"
+    checkout = Path(__file__).resolve().parents[2] / "templates" / "swanctl"
     installed = Path(sys.prefix) / "share" / "overlay-vici" / "templates" / "swanctl"
     return checkout if checkout.is_dir() else installed
 

@@ -17,7 +17,7 @@ import vici
 from vici.exception import CommandException, SessionException
 from vici.protocol import Message, Packet, Transport
 
-from overlay_vici.sa_plan import IkeSa
+from overlay_vici.agent.sa_plan import IkeSa
 
 T = TypeVar("T")
 

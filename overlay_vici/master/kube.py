@@ -3,7 +3,7 @@
 - NodeWatcher: list + watch Nodes (name, InternalIP, opt-out label); 410 Gone -> relist.
 - KubeStore: the Secret (keyring.json + master.json, read and replaced with its
   resourceVersion: a 409 is reported as a conflict, never overwritten), the agents' ack
-  Leases (written by `overlay-vici report-lease`, see overlay_vici.lease), leader
+  Leases (written by `overlay-vici report-lease`, see overlay_vici.reporter.lease), leader
   election on a Lease, Kubernetes Events for rotations, switches and failures (`record`;
   what each master event becomes is `k8s_event`, pure), and the operator's encryption
   switch from the settings ConfigMap as mounted into the master (`--enabled-file`).
@@ -23,10 +23,10 @@ from typing import Any
 
 from kubernetes import client, watch
 
-from overlay_vici import log
-from overlay_vici.lease import AGENT_SELECTOR, STATUS_ANNOTATION, lease_name
-from overlay_vici.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
-from overlay_vici.rotation import AgentReport, NodeInfo
+from overlay_vici.core import log
+from overlay_vici.master.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
+from overlay_vici.master.rotation import AgentReport, NodeInfo
+from overlay_vici.reporter.lease import AGENT_SELECTOR, STATUS_ANNOTATION, lease_name
 
 REQUEST_ANNOTATION = "overlay-vici.io/rotate-requested"
 OPT_OUT_LABEL = "overlay-vici.io/opt-out"
@@ -390,7 +390,7 @@ class KubeStore:
 
 
 def k8s_event(event: str, fields: Mapping[str, Any]) -> tuple[str, str, str, str | None] | None:
-    """The Kubernetes Event for a master event (the log events of overlay_vici.rotation, and
+    """The Kubernetes Event for a master event (the log events of overlay_vici.master.rotation, and
     "keyring unusable"): (type, reason, message, node), node naming the agent it is about,
     None for the Secret; None for events that stay in the log. Pure."""
     rotation = fields.get("rotation")
