@@ -24,15 +24,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from overlay_vici.core import keyring as kr
-from overlay_vici.core.files import write_json
-from overlay_vici.master.master import Master
-from overlay_vici.master.rotation import AgentReport, NodeInfo, Policy, decide, dumps_state
-from overlay_vici.reporter.lease import (
+from overlay_vici.core.contract import (
     AGENT_LABEL,
     AGENT_LABEL_VALUE,
     STATUS_ANNOTATION,
+    AgentReport,
     lease_name,
 )
+from overlay_vici.core.files import write_json
+from overlay_vici.master.master import Master
+from overlay_vici.master.rotation import NodeInfo, Policy, decide, dumps_state
 
 SECRET_LIMIT = 1024 * 1024
 POLICY = Policy(interval=86400, agent_timeout=90)

@@ -34,7 +34,8 @@ from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
 from overlay_vici.agent.render import Settings, conn_name, secret_id, strongswan_conf
 from overlay_vici.agent.sa_plan import INITIATE_GRACE
-from overlay_vici.core.files import KEYRING_FILE, publish_secret, write_json
+from overlay_vici.core.contract import KEYRING_FILE
+from overlay_vici.core.files import publish_secret, write_json
 from overlay_vici.core.keyring import Encryption, Keyring, Peer, dumps
 
 CHARON = "/usr/lib/ipsec/charon"

@@ -17,8 +17,10 @@ from keyring_fixtures import build_keyring
 from overlay_vici.agent import netfilter
 from overlay_vici.agent.guard_plan import install_script, outside_peers
 from overlay_vici.agent.render import Settings, strongswan_conf, swanctl_conf
+from overlay_vici.agent.secret import read_keyring
 from overlay_vici.cli import main
-from overlay_vici.core.files import KEYRING_FILE, publish_secret, read_keyring
+from overlay_vici.core.contract import KEYRING_FILE
+from overlay_vici.core.files import publish_secret
 from overlay_vici.core.keyring import Encryption, Peer, dumps
 
 EXE = Path(sys.executable).with_name("overlay-vici")

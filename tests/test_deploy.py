@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
+from overlay_vici.agent.cli import settings as settings_of
 from overlay_vici.agent.render import Settings
-from overlay_vici.cli import _settings as settings_of
-from overlay_vici.cli import build_parser, duration
+from overlay_vici.cli import build_parser
+from overlay_vici.core.options import duration
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -595,7 +596,8 @@ def test_the_agent_pods_commands_and_probes_work_with_only_their_capabilities(
     from keyring_fixtures import build_keyring
 
     from overlay_vici.agent.render import conn_name
-    from overlay_vici.core.files import KEYRING_FILE, publish_secret
+    from overlay_vici.core.contract import KEYRING_FILE
+    from overlay_vici.core.files import publish_secret
     from overlay_vici.core.keyring import dumps
 
     keys = tmp_path / "keys"

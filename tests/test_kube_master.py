@@ -24,11 +24,12 @@ from kubefake import FakeKube
 
 from overlay_vici.cli import main
 from overlay_vici.core import keyring as kr
+from overlay_vici.core.contract import lease_name
 from overlay_vici.core.files import write_json
 from overlay_vici.master.kube import REQUEST_ANNOTATION, KubeStore, NodeWatcher, api_client
 from overlay_vici.master.master import Master
 from overlay_vici.master.rotation import Policy
-from overlay_vici.reporter.lease import ApiServer, LeaseReporter, lease_name, run_reporter
+from overlay_vici.reporter.lease import ApiServer, LeaseReporter, run_reporter
 
 NS = "ovv"
 SECRET = "overlay-vici-keys"

@@ -23,22 +23,22 @@ from keyring_fixtures import build_keyring
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from overlay_vici.agent import metrics
 from overlay_vici.agent.metrics import (
     AgentCounts,
     AgentMetrics,
-    MasterMetrics,
     ReauthTracker,
     agent_families,
     charon_event,
-    master_families,
     peer_sa_up,
 )
 from overlay_vici.agent.render import conn_name
 from overlay_vici.agent.sa_plan import IkeSa
+from overlay_vici.core import metrics
+from overlay_vici.core.contract import AGENT_METRICS_PORT, MASTER_METRICS_PORT
 from overlay_vici.core.keyring import Generation, Keyring, Peer
 from overlay_vici.master.local import LocalStore
 from overlay_vici.master.master import Master
+from overlay_vici.master.metrics import MasterMetrics, master_families
 from overlay_vici.master.rotation import Decision, MasterState, Policy
 
 EXE = Path(sys.executable).with_name("overlay-vici")
@@ -67,7 +67,7 @@ STATUS = {
 def exposition(families: list[metrics.Family]) -> dict[str, float]:
     """What Prometheus would scrape: 'name{a="b"}' -> value, parsed by prometheus_client."""
     registry = CollectorRegistry()
-    registry.register(metrics._Collector(lambda: families))
+    registry.register(metrics.Collector(lambda: families))
     text = generate_latest(registry).decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -400,7 +400,7 @@ def get(url: str) -> tuple[int, str, str]:
 
 def test_the_endpoint_serves_metrics_and_healthz() -> None:
     registry = CollectorRegistry()
-    registry.register(metrics._Collector(lambda: agent_families(STATUS, {}, AgentCounts(), 1.0)))
+    registry.register(metrics.Collector(lambda: agent_families(STATUS, {}, AgentCounts(), 1.0)))
     health = [(True, "ok")]
     server = metrics.serve(0, registry, lambda: health[0], "127.0.0.1")
     try:
@@ -478,7 +478,8 @@ def test_an_agent_without_charon_is_unhealthy_and_counts_the_failures(tmp_path: 
     """The agent's endpoint with no charon behind the socket: /healthz 503, the failed
     connects counted, the event subscription down; no tunl0 here, so no MTU warning."""
     keys = tmp_path / "keys"
-    from overlay_vici.core.files import KEYRING_FILE, publish_secret
+    from overlay_vici.core.contract import KEYRING_FILE
+    from overlay_vici.core.files import publish_secret
     from overlay_vici.core.keyring import dumps
 
     publish_secret(keys, {KEYRING_FILE: dumps(build_keyring(3))})
@@ -510,10 +511,11 @@ def test_an_agent_without_charon_is_unhealthy_and_counts_the_failures(tmp_path: 
 
 
 def test_metrics_port_defaults_and_zero_disables() -> None:
-    from overlay_vici.cli import _master_metrics, build_parser
+    from overlay_vici.cli import build_parser
+    from overlay_vici.master.cli import _master_metrics
 
     parser = build_parser()
     agent = parser.parse_args(["agent", "--node", "n", "--keys", "k", "--vici", "unix:///x"])
-    assert agent.metrics_port == metrics.AGENT_PORT == 9541
-    assert parser.parse_args(["master"]).metrics_port == metrics.MASTER_PORT == 9540
+    assert agent.metrics_port == AGENT_METRICS_PORT == 9541
+    assert parser.parse_args(["master"]).metrics_port == MASTER_METRICS_PORT == 9540
     assert _master_metrics(parser.parse_args(["master", "--metrics-port", "0"])) is None

@@ -16,9 +16,11 @@ from kubefake import FakeKube
 from kubernetes.client import AppsV1Api, V1DeleteOptions
 
 from overlay_vici.core import log
+from overlay_vici.core.contract import notice_at
+from overlay_vici.core.files import read_json
 from overlay_vici.master.kube import api_client
 from overlay_vici.reporter.lease import ApiServer
-from overlay_vici.reporter.removal import Fate, RemovalWatch, read_notice
+from overlay_vici.reporter.removal import Fate, RemovalWatch
 
 NS, DS = "overlay-vici", "overlay-vici-agent"
 
@@ -91,7 +93,7 @@ class Watching:
     def noticed(self, expected: bool, within: float = 5.0) -> bool:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            if (read_notice(self.notice) is not None) == expected:
+            if (notice_at(read_json(self.notice)) is not None) == expected:
                 return True
             time.sleep(0.02)
         return False
@@ -116,7 +118,7 @@ def test_kubectl_delete_writes_the_notice_at_once(watching: Watching) -> None:
     deleted = time.time()
     watching.delete()
     assert watching.noticed(True)
-    at = read_notice(watching.notice)
+    at = notice_at(read_json(watching.notice))
     assert at is not None and deleted <= at < deleted + 2.0
     assert watching.notice.stat().st_mode & 0o777 == 0o644  # holds no secret
 

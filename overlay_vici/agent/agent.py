@@ -30,23 +30,17 @@ from overlay_vici.agent.plan import Command, Desired, plan
 from overlay_vici.agent.render import (
     Settings,
     SettingsError,
-    conn_name,
     is_owned_conn,
     local_node,
     swanctl_conf,
 )
 from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
+from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
 from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
 from overlay_vici.core import log
-from overlay_vici.core.files import (
-    SecretWatcher,
-    read_json,
-    read_keyring_bytes,
-    write_atomic,
-    write_json,
-)
+from overlay_vici.core.contract import StatusReport, conn_name, notice_at
+from overlay_vici.core.files import read_json, write_atomic, write_json
 from overlay_vici.core.keyring import Keyring, KeyringError, loads
-from overlay_vici.reporter.removal import read_notice
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
@@ -227,7 +221,7 @@ class Agent:
     def _note_removal(self) -> None:
         if self.config.removal_notice is None:
             return
-        removed_at = read_notice(self.config.removal_notice)
+        removed_at = notice_at(read_json(self.config.removal_notice))
         if removed_at != self.removed_at:
             log.warning(
                 "install removal noticed" if removed_at else "install removal withdrawn",
@@ -491,7 +485,7 @@ class Agent:
             log.error(event, node=self.config.node, error=message, **fields)
         self._errors.append(message)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
         applied = self.applied
         up = {sa.conn for sa in self.sas if sa.state == "ESTABLISHED" and sa.children_installed}
         return {

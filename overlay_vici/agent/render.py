@@ -16,7 +16,9 @@ from pathlib import Path
 
 import jinja2
 
+from overlay_vici.core.contract import CONN_PREFIX, conn_name
 from overlay_vici.core.keyring import Keyring, Peer, pair_psk
+from overlay_vici.core.options import seconds
 
 
 def _builtin_templates() -> Path:
@@ -29,10 +31,7 @@ def _builtin_templates() -> Path:
 
 
 BUILTIN_TEMPLATES = _builtin_templates()
-CONN_PREFIX = "ov-"
 _DURATION = re.compile(r"^\d+[smhd]?$")
-_DURATION_PARTS = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
 
 
@@ -78,11 +77,6 @@ SECRET_PREFIX = f"ike-{CONN_PREFIX}"  # swanctl takes a secret's type from its n
 POLICY_PRIORITY = 1000
 
 
-def conn_name(peer_name: str) -> str:
-    # swanctl.conf section names cannot hold dots; node names never hold underscores.
-    return f"{CONN_PREFIX}{peer_name.replace('.', '_')}"
-
-
 def secret_id(peer_name: str, generation: int) -> str:
     return f"{SECRET_PREFIX}{peer_name.replace('.', '_')}-g{generation}"
 
@@ -111,14 +105,6 @@ def ike_rand_time(settings: Settings, keyring: Keyring) -> str:
     the stale one, while an initiation racing a trap's acquire still shares one."""
     longest = int(max(seconds(settings.ike_rekey_time), seconds(settings.reauth_time)))
     return f"{longest // 10 + keyring.sent % 2}s"
-
-
-def seconds(duration: str) -> float:
-    """Seconds from `90`, `90s`, `15m`, `24h` or `7d`; ValueError for anything else."""
-    match = _DURATION_PARTS.match(duration.strip())
-    if not match:
-        raise ValueError(f"{duration!r} is not a duration like 90s, 15m, 24h or 7d")
-    return float(match[1]) * _UNITS[match[2]]
 
 
 def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:

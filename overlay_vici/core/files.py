@@ -1,4 +1,8 @@
-"""File edges: the mounted key Secret, the rendered config and the status report."""
+"""File edges every process uses: atomic writes, JSON reports and notices, and the
+kubelet layout of a mounted Secret (written by the local master and the tests).
+
+Standard library only: report-lease imports it.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from overlay_vici.core.keyring import MAX_KEYRING_BYTES, Keyring, KeyringError, loads, too_large
-
-KEYRING_FILE = "keyring.json"
-
-
-def read_keyring(secret_dir: Path) -> Keyring:
-    return loads(read_keyring_bytes(secret_dir))
-
-
-def read_keyring_bytes(secret_dir: Path) -> bytes:
-    """Read through kubelet's `..data` symlink; never more than the size limit."""
-    path = secret_dir / KEYRING_FILE
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_KEYRING_BYTES + 1)
-            if len(data) > MAX_KEYRING_BYTES:
-                raise too_large(os.fstat(handle.fileno()).st_size)
-    except FileNotFoundError:
-        raise KeyringError(
-            f"no {KEYRING_FILE} in {secret_dir}; check the Secret volume and that the master runs"
-        ) from None
-    except OSError as exc:
-        raise KeyringError(f"cannot read {path} ({exc.strerror}); check the volume mount") from None
-    return data
 
 
 def write_atomic(path: Path, text: str, mode: int) -> None:
@@ -63,38 +38,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("opened", "closed_no_write"):
-            self._event.set()
-
-
-class SecretWatcher:
-    """Sets `changed` whenever anything in the Secret directory moves.
-
-    kubelet swaps the `..data` symlink by rename; watching the directory itself (not the
-    file, whose inode changes) catches that. The agent re-reads and compares, so spurious
-    wake-ups cost one read.
-    """
-
-    def __init__(self, secret_dir: Path) -> None:
-        self.changed = threading.Event()
-        self._observer = Observer()
-        secret_dir.mkdir(parents=True, exist_ok=True)
-        self._observer.schedule(_Wake(self.changed), str(secret_dir), recursive=False)
-
-    def __enter__(self) -> SecretWatcher:
-        self._observer.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
 
 
 def publish_secret(secret_dir: Path, files: dict[str, str]) -> None:

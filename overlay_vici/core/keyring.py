@@ -20,13 +20,14 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from overlay_vici.core.contract import is_node_name
+
 FORMAT_VERSION = 1
 KEY_BYTES = 32
 # Larger than any keyring for 5,000 nodes, far below what a hostile file could be.
 MAX_KEYRING_BYTES = 1024 * 1024
 _HKDF_SALT = b"overlay-vici/psk/v1"
 # A Kubernetes node name is a DNS-1123 subdomain.
-_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class KeyringError(ValueError):
@@ -234,7 +235,7 @@ def _peers(raw: Any, field_name: str) -> tuple[Peer, ...]:
                 f"every entry of {field_name!r} must be an object with 'name' and 'ip'"
             )
         name, ip = item.get("name"), item.get("ip")
-        if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.fullmatch(name):
+        if not is_node_name(name):
             raise KeyringError(f"peer name {_show(name)} is not a valid Kubernetes node name")
         try:
             address = ipaddress.ip_address(ip)  # type: ignore[arg-type]

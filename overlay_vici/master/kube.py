@@ -24,13 +24,20 @@ from typing import Any
 from kubernetes import client, watch
 
 from overlay_vici.core import log
-from overlay_vici.master.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
-from overlay_vici.master.rotation import AgentReport, NodeInfo
-from overlay_vici.reporter.lease import AGENT_SELECTOR, STATUS_ANNOTATION, lease_name
+from overlay_vici.core.contract import (
+    AGENT_SELECTOR,
+    DEFAULT_SECRET,
+    KEYRING_FILE,
+    MASTER_FILE,
+    OPT_OUT_LABEL,
+    STATUS_ANNOTATION,
+    AgentReport,
+    lease_name,
+)
+from overlay_vici.master.master import Snapshot, SwitchFile
+from overlay_vici.master.rotation import NodeInfo
 
 REQUEST_ANNOTATION = "overlay-vici.io/rotate-requested"
-OPT_OUT_LABEL = "overlay-vici.io/opt-out"
-DEFAULT_SECRET = "overlay-vici-keys"
 DEFAULT_LEADER_LEASE = "overlay-vici-master"
 EVENT_COMPONENT = "overlay-vici-master"
 
@@ -190,14 +197,14 @@ class KubeStore:
         data = secret.data or {}
         annotations = secret.metadata.annotations or {}
         return Snapshot(
-            keyring=_decode(data.get(KEYRING_KEY)),
-            master=_decode(data.get(MASTER_KEY)),
+            keyring=_decode(data.get(KEYRING_FILE)),
+            master=_decode(data.get(MASTER_FILE)),
             request=annotations.get(REQUEST_ANNOTATION),
             version=secret.metadata.resource_version,
         )
 
     def write(self, keyring: str, master: str, version: Any) -> bool:
-        data = {KEYRING_KEY: _encode(keyring), MASTER_KEY: _encode(master)}
+        data = {KEYRING_FILE: _encode(keyring), MASTER_FILE: _encode(master)}
         try:
             if version is None:
                 body = {

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from overlay_vici.core import log
+from overlay_vici.core.contract import KEYRING_FILE, MASTER_FILE, AgentReport
 from overlay_vici.core.files import publish_secret, read_json, write_atomic
-from overlay_vici.master.master import KEYRING_KEY, MASTER_KEY, Snapshot, SwitchFile
-from overlay_vici.master.rotation import AgentReport, NodeInfo
+from overlay_vici.master.master import Snapshot, SwitchFile
+from overlay_vici.master.rotation import NodeInfo
 
 MASTER_DIR = "_master"
 REQUEST_FILE = "rotate-request"
@@ -123,8 +124,8 @@ def read_snapshot(state: Path) -> Snapshot:
     data = directory / "..data"
     version = os.readlink(data) if data.is_symlink() else None
     return Snapshot(
-        keyring=_read_text(directory / KEYRING_KEY),
-        master=_read_text(directory / MASTER_KEY),
+        keyring=_read_text(directory / KEYRING_FILE),
+        master=_read_text(directory / MASTER_FILE),
         request=(_read_text(master_dir(state) / REQUEST_FILE) or "").strip() or None,
         version=version,
     )
@@ -184,7 +185,7 @@ class LocalStore:
         if current != version:
             self.conflicts["secret"] += 1
             return False
-        publish_secret(secret_dir(self.state), {KEYRING_KEY: keyring, MASTER_KEY: master})
+        publish_secret(secret_dir(self.state), {KEYRING_FILE: keyring, MASTER_FILE: master})
         self._copy_to_nodes(read_snapshot(self.state))
         return True
 
@@ -222,14 +223,14 @@ class LocalStore:
             peers = [p["name"] for p in json.loads(snapshot.keyring).get("peers", [])]
         except (ValueError, AttributeError, TypeError, KeyError):
             return
-        files = {KEYRING_KEY: snapshot.keyring}
+        files = {KEYRING_FILE: snapshot.keyring}
         if snapshot.master is not None:
-            files[MASTER_KEY] = snapshot.master
+            files[MASTER_FILE] = snapshot.master
         for name in peers:
             target = node_secret_dir(self.state, name)
             if (
-                _read_text(target / KEYRING_KEY) != snapshot.keyring
-                or _read_text(target / MASTER_KEY) != snapshot.master
+                _read_text(target / KEYRING_FILE) != snapshot.keyring
+                or _read_text(target / MASTER_FILE) != snapshot.master
             ):
                 publish_secret(target, files)
         self._synced = snapshot.version

@@ -17,20 +17,17 @@ from typing import Any, Protocol
 
 from overlay_vici.core import keyring as kr
 from overlay_vici.core import log
+from overlay_vici.core.contract import AgentReport
 from overlay_vici.master.rotation import (
-    AgentReport,
     Decision,
     MasterState,
     NodeInfo,
     Policy,
-    cutover_pending,
     decide,
     dumps_state,
     loads_state,
 )
 
-KEYRING_KEY = "keyring.json"
-MASTER_KEY = "master.json"
 CONFLICT_RETRIES = 5
 
 
@@ -221,90 +218,3 @@ class Master:
         if message != self._reported:
             log.error("master error", error=message)
         self._reported = message
-
-
-def mesh_status(
-    snapshot: Snapshot,
-    reports: Mapping[str, AgentReport],
-    now: float,
-    policy: Policy,
-) -> dict[str, Any]:
-    """What `overlay-vici status` shows: the mesh's generation and phase, and per node its
-    agent's report. Pure: the same view in local and Kubernetes mode."""
-    from overlay_vici.master.rotation import (
-        classify,
-        completed,
-        consistent,
-        cutover_waiting,
-        phase_waiting,
-    )
-
-    parsed = parse(snapshot)
-    keyring = parsed.keyring
-    if keyring is None:
-        return {
-            "active_generation": None,
-            "rotating": False,
-            "encryption": None,
-            "serial": None,
-            "nodes": [],
-        }
-    state = consistent(keyring, parsed.state or MasterState())
-    live, expired, absent = classify(keyring.peers, reports, now, policy)
-    live_names = set(live)
-    nodes = []
-    for peer in keyring.peers:
-        report = reports.get(peer.name)
-        entry: dict[str, Any] = {
-            "node": peer.name,
-            "ip": peer.ip,
-            "agent": "live" if peer.name in live else "expired" if report else "absent",
-        }
-        if report is not None:
-            entry.update(
-                heartbeat_age=round(now - report.heartbeat, 1),
-                keyring_serial=report.keyring_serial,
-                generations=dict(report.generations),
-                peers_up=report.peers_up,
-                peers_expected=report.peers_expected,
-                stale_ike_sas=report.stale_ike_sas,
-                reauthenticated=report.reauthenticated,
-                last_error=report.last_error,
-                encryption=report.encryption,
-                phase_done=state.rotating
-                and completed(report, state.phase, state.phase_serial, keyring.sent, live_names),
-            )
-        nodes.append(entry)
-    due = (state.last_rotation or now) + policy.interval
-    switch, mode = keyring.encryption, keyring.encryption.mode(now)
-    if state.rotating:
-        waiting = phase_waiting(state, live, keyring.sent)
-    else:
-        waiting = cutover_waiting(state, live) if switch.at is None else ()
-    return {
-        "active_generation": keyring.sent,
-        "generations": {
-            str(g.id): "sent" if g.id == keyring.sent else "accepted" for g in keyring.generations
-        },
-        "serial": keyring.serial,
-        "rotating": state.rotating,
-        "encryption": {
-            "enabled": switch.enabled,
-            "mode": mode,
-            "at": switch.at,
-            "pending": cutover_pending(switch, now),
-            # Live agents that report another mode than the keyring's now.
-            "lagging": sorted(n for n, r in live.items() if r.encryption not in (None, mode)),
-        },
-        "phase": state.phase,
-        "rotation": state.rotation,
-        "rotation_requested": bool(snapshot.request and snapshot.request != state.handled_request),
-        "last_rotation": state.last_rotation,
-        "next_rotation_due": due,
-        "waiting": list(waiting),
-        "expired": list(expired),
-        "absent": list(absent),
-        "outside": [p.name for p in keyring.outside],
-        "history": [dict(h) for h in state.history],
-        "nodes": nodes,
-    }

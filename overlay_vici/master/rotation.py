@@ -30,17 +30,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from overlay_vici.core import keyring as kr
+from overlay_vici.core.contract import (
+    PHASES,
+    AgentReport,
+    int_or_none,
+    is_node_name,
+    is_number,
+)
 
-PHASES = ("idle", "stage", "switch", "retire")
 HISTORY = 5  # rotations kept in the master state, for `status` and the benchmark
-_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-CONN_PREFIX = "ov-"  # the agent names its connection to peer X "ov-X" (render.conn_name)
 
 
 @dataclass(frozen=True)
@@ -50,54 +53,6 @@ class NodeInfo:
     name: str
     ip: str | None
     opted_out: bool = False
-
-
-@dataclass(frozen=True)
-class AgentReport:
-    """What one agent last said (its status report, via a file or its Lease)."""
-
-    node: str
-    heartbeat: float  # when the agent wrote it (epoch seconds)
-    keyring_serial: int | None = None
-    sent_generation: int | None = None
-    generations: Mapping[str, str] = field(default_factory=dict)
-    reauthenticated: bool = False
-    stale_ike_sas: int = 0
-    stale_peers: tuple[str, ...] | None = None  # peer node names, if the agent says
-    peers_up: int = 0
-    peers_expected: int = 0
-    last_error: str | None = None
-    encryption: str | None = None  # the switch's mode the agent brought its node to
-
-    @classmethod
-    def from_status(cls, doc: Mapping[str, Any], node: str | None = None) -> AgentReport | None:
-        """Tolerant: a report the master cannot read is as good as none (not live)."""
-        name = doc.get("node", node)
-        updated = doc.get("updated")
-        if not isinstance(name, str) or not _number(updated):
-            return None
-        stale_peers = doc.get("stale_peers")
-        if isinstance(stale_peers, list):
-            stale_peers = tuple(
-                p.removeprefix(CONN_PREFIX) for p in stale_peers if isinstance(p, str)
-            )
-        else:
-            stale_peers = None
-        generations = doc.get("generations")
-        return cls(
-            node=name,
-            heartbeat=float(updated),
-            keyring_serial=_int_or_none(doc.get("keyring_serial")),
-            sent_generation=_int_or_none(doc.get("sent_generation")),
-            generations=dict(generations) if isinstance(generations, dict) else {},
-            reauthenticated=doc.get("reauthenticated") is True,
-            stale_ike_sas=_int_or_none(doc.get("stale_ike_sas")) or 0,
-            stale_peers=stale_peers,
-            peers_up=_int_or_none(doc.get("peers_up")) or 0,
-            peers_expected=_int_or_none(doc.get("peers_expected")) or 0,
-            last_error=_str_or_none(doc.get("last_error")),
-            encryption=_str_or_none(doc.get("encryption")),
-        )
 
 
 @dataclass(frozen=True)
@@ -160,7 +115,7 @@ def loads_state(text: str | bytes | None) -> MasterState | None:
             handled_request=doc.get("handled_request"),
             expired=tuple(doc.get("expired", ())),
             history=tuple(dict(h) for h in doc.get("history", ())),
-            cutover_serial=_int_or_none(doc.get("cutover_serial")),
+            cutover_serial=int_or_none(doc.get("cutover_serial")),
             cutover_announced=_float_or_none(doc.get("cutover_announced")),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -249,7 +204,7 @@ def outside_peers(nodes: Iterable[NodeInfo], peers: Iterable[kr.Peer]) -> tuple[
 
 def _as_peer(node: NodeInfo) -> kr.Peer | str:
     """The node as a keyring entry, or why it cannot be one."""
-    if not _NODE_NAME.match(node.name) or len(node.name) > 253:
+    if not is_node_name(node.name):
         return "invalid node name"
     if not node.ip:
         return "no InternalIP"
@@ -565,17 +520,5 @@ def _ipv4(value: str) -> str | None:
     return str(address) if address.version == 4 else None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
 def _float_or_none(value: Any) -> float | None:
-    return float(value) if _number(value) else None
+    return float(value) if is_number(value) else None

@@ -23,29 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from overlay_vici.core import log
-from overlay_vici.core.files import read_json
-
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-AGENT_LABEL, AGENT_LABEL_VALUE = "overlay-vici.io/role", "agent-ack"
-AGENT_SELECTOR = f"{AGENT_LABEL}={AGENT_LABEL_VALUE}"
-STATUS_ANNOTATION = "overlay-vici.io/status"
-LEASE_PREFIX = "overlay-vici-agent-"
-# What the master needs and `status` shows; the report holds no key material anyway.
-REPORTED = (
-    "node",
-    "updated",
-    "keyring_serial",
-    "sent_generation",
-    "sent_since",
-    "generations",
-    "peers_expected",
-    "peers_up",
-    "ike_sas",
-    "stale_ike_sas",
-    "stale_peers",
-    "reauthenticated",
-    "last_error",
+from overlay_vici.core.contract import (
+    AGENT_LABEL,
+    AGENT_LABEL_VALUE,
+    SERVICE_ACCOUNT,
+    STATUS_ANNOTATION,
+    lease_name,
+    leased,
 )
+from overlay_vici.core.files import read_json
 
 
 class LeaseError(RuntimeError):
@@ -92,17 +78,6 @@ class ApiServer:
         return urllib.request.urlopen(req, timeout=timeout, context=context)
 
 
-def in_cluster_namespace() -> str | None:
-    try:
-        return (SERVICE_ACCOUNT / "namespace").read_text().strip()
-    except OSError:
-        return None
-
-
-def lease_name(node: str) -> str:
-    return f"{LEASE_PREFIX}{node}"[:253].rstrip(".-")
-
-
 def _micro_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -117,8 +92,7 @@ class LeaseReporter:
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
     def report(self, status: dict[str, Any]) -> None:
-        subset = {k: status.get(k) for k in REPORTED if k in status}
-        subset["node"] = self.node
+        subset = leased(status, self.node)
         spec = {
             "holderIdentity": self.node,
             "leaseDurationSeconds": self.duration,

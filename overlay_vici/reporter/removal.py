@@ -29,18 +29,12 @@ from typing import Any
 from urllib.parse import quote
 
 from overlay_vici.core import log
+from overlay_vici.core.contract import notice_at, notice_body
 from overlay_vici.core.files import read_json, write_json
 from overlay_vici.reporter.lease import ApiServer
 
 WATCH_SECONDS = 300  # the API server ends a watch after this; the next one resumes from its rv
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
-
-
-def read_notice(path: Path) -> float | None:
-    """When the removal was noticed (epoch seconds), or None: no notice, or not readable."""
-    doc = read_json(path)
-    at = doc.get("at") if doc else None
-    return float(at) if isinstance(at, int | float) else None
 
 
 @dataclass
@@ -130,9 +124,9 @@ class RemovalWatch:
     def _record(self, kind: str, obj: dict[str, Any] | None) -> None:
         before = self.fate.removed
         removed = self.fate.observe(kind, obj)
-        noticed = read_notice(self.notice) is not None
+        noticed = notice_at(read_json(self.notice)) is not None
         if removed and not noticed:
-            write_json(self.notice, {"at": self.clock(), "daemonset": self.daemonset})
+            write_json(self.notice, notice_body(self.clock(), self.daemonset))
             log.warning(
                 "install removed, switching this node off",
                 node=self.node,

@@ -19,7 +19,8 @@ from mesh import Mesh, Node, swanctl
 
 from overlay_vici.agent.render import strongswan_conf
 from overlay_vici.core import keyring as kr
-from overlay_vici.core.files import KEYRING_FILE, publish_secret
+from overlay_vici.core.contract import KEYRING_FILE
+from overlay_vici.core.files import publish_secret
 
 AGENT = str(Path(sys.executable).with_name("overlay-vici"))
 T = TypeVar("T")

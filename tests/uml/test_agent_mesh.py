@@ -18,7 +18,8 @@ from mesh import Mesh, Node, ping_once, shortfalls
 
 from overlay_vici.agent.render import conn_name, secret_id
 from overlay_vici.core import keyring as kr
-from overlay_vici.core.files import KEYRING_FILE, publish_secret
+from overlay_vici.core.contract import KEYRING_FILE
+from overlay_vici.core.files import publish_secret
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 

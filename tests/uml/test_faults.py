@@ -40,7 +40,8 @@ from test_rotation_mesh import lost_at, wait_applied, wait_phase, wait_rotated
 
 from overlay_vici.agent.guard_plan import GuardPeer, installed_outside
 from overlay_vici.agent.render import conn_name, strongswan_conf
-from overlay_vici.core.files import KEYRING_FILE, publish_secret
+from overlay_vici.core.contract import KEYRING_FILE
+from overlay_vici.core.files import publish_secret
 
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
 MASTER = ["--tick", "0.5", "--agent-timeout", "8s"]

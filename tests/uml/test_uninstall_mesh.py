@@ -23,8 +23,8 @@ from kubefake import FakeKube
 from kubernetes.client import AppsV1Api
 from mesh import Mesh, Node, shortfalls
 
+from overlay_vici.core.contract import lease_name
 from overlay_vici.master.kube import api_client
-from overlay_vici.reporter.lease import lease_name
 
 NS, DS = "overlay-vici", "overlay-vici-agent"
 FAST = ["--resync", "2", "--reauth-jitter", "1"]
