@@ -428,7 +428,7 @@ def timed_step(agent: Agent) -> StepSample:
         pieces,
         split.results.get("render"),
         agent.charon.sessions - sessions,
-        len(agent.sas),
+        len(agent.upkeep.sas),
     )
 
 

@@ -15,12 +15,11 @@ keyring says.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,13 @@ from overlay_vici.agent.plan import Command, Desired, plan
 from overlay_vici.agent.render import (
     Settings,
     SettingsError,
-    is_owned_conn,
     local_node,
     swanctl_conf,
 )
-from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
+from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads
 from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
 from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.agent.upkeep import SaUpkeep
 from overlay_vici.core import log
 from overlay_vici.core.contract import StatusReport, conn_name, notice_at
 from overlay_vici.core.files import read_json, write_atomic, write_json
@@ -44,10 +43,6 @@ from overlay_vici.core.keyring import Keyring, KeyringError, loads
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
-# Switching off, SAs outlive their connections by this much past the moment: longer than
-# the nodes take to remove their traps (measured 0.3 s apart), so that no peer's trap meets
-# a deleted SA, asks for a new one that cannot come, and leaves an acquire state behind.
-OFF_SETTLE = 2.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +62,8 @@ class AgentConfig:
     guard: Guard | None = None
     # Written by the report-lease container when the agent DaemonSet is deleted (removal.py).
     removal_notice: Path | None = None
-    # Called after every step with the agent and the step's duration (the metrics).
-    on_step: Callable[[Agent, float], None] | None = None
+    # Called after every step with its report and duration (the metrics).
+    on_step: Callable[[StepReport, float], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +77,19 @@ class Accepted:
     target: Desired
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What a step leaves for the metrics: the status report, charon's IKE_SAs, the
+    connections loaded, the reauthentications asked for and the VICI errors so far."""
+
+    status: StatusReport
+    keyring: Keyring | None  # the keyring applied
+    sas: tuple[IkeSa, ...]
+    conns: frozenset[str]
+    reauth_requested: tuple[str, ...]
+    vici_errors: Mapping[str, int]
+
+
 class Agent:
     def __init__(self, config: AgentConfig, charon: Charon) -> None:
         self.config = config
@@ -89,32 +97,24 @@ class Agent:
         self.desired: Accepted | None = None
         self.applied: Keyring | None = None
         self.last_error: str | None = None
-        self.sent_since: float | None = None
-        self.stale: list[IkeSa] = []
-        self.sas: list[IkeSa] = []
         self._sent_digests: dict[str, str] = {}
         self._charon_session = 0
-        self._reauth_issued: dict[str, float] = {}
-        self._initiate_due: dict[str, float] = {}  # see sa_plan.INITIATE_GRACE
-        # The IKE_SAs charon held right after the new sent key was loaded: exactly the stale
-        # ones (None: not known, e.g. after an agent restart; sent_since decides then).
-        self._switch_ids: frozenset[str] | None = None
-        self._capture_switch_ids = False
         self.mode: str | None = None  # the mode charon was last brought to
         self.removed_at: float | None = None  # when the install's removal was noticed
         self._guard_removal_due = False  # the guard stopped dropping; its chains still to go
         self._errors: list[str] = []
         self._reported: set[str] = set()
-        self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
-        self._own_ip: IPv4Address | IPv6Address = ip_address("0.0.0.0")
-        self._timing = Timing(
-            reauth_delay=random.uniform(0, config.reauth_jitter),
-            reauth_grace=config.reauth_grace,
-            resync=config.resync_seconds,
-        )
         self._backoff = BACKOFF_MIN
         previous = read_json(config.status_path) if config.status_path else None
-        self._previous_status = previous or {}
+        self.upkeep = SaUpkeep(
+            config.node,
+            charon,
+            self._fail,
+            config.reauth_jitter,
+            config.reauth_grace,
+            config.resync_seconds,
+            previous or {},
+        )
 
     def run(self, stop: threading.Event) -> None:
         with SecretWatcher(self.config.secret_dir) as watcher:
@@ -170,9 +170,21 @@ class Agent:
                 wait = 0.0  # the moment passed during this step
         self.last_error = "; ".join(self._errors) or None
         self._write_status()
+        requested, self.upkeep.requested = tuple(self.upkeep.requested), []
         if self.config.on_step is not None:
-            self.config.on_step(self, time.monotonic() - started)
+            self.config.on_step(self._step_report(requested), time.monotonic() - started)
         return wait
+
+    def _step_report(self, requested: tuple[str, ...]) -> StepReport:
+        desired = self.desired
+        return StepReport(
+            status=self.status(),
+            keyring=self.applied,
+            sas=tuple(self.upkeep.sas),
+            conns=frozenset(desired.target.messages.conns if desired else ()),
+            reauth_requested=requested,
+            vici_errors=dict(self.charon.errors),
+        )
 
     def _refresh_desired(self) -> None:
         try:
@@ -243,9 +255,12 @@ class Agent:
         SAs then exist before traffic needs them, and the two ends rarely both initiate.
         """
         own = ip_address(local_node(keyring, self.config.node).ip)
-        return frozenset(conn_name(p.name) for p in keyring.peers if ip_address(p.ip) > own)
+        return frozenset(
+            conn_name(p.name) for p in keyring.peers if lower_ip_leads(own, ip_address(p.ip))
+        )
 
     def _sync(self, desired: Accepted) -> float:
+        self.upkeep.conns = desired.target.messages.conns
         loaded_conns = self.charon.loaded_conns()
         new_session = self.charon.sessions != self._charon_session
         reconnected = new_session and self._charon_session != 0
@@ -262,7 +277,7 @@ class Agent:
             self._sent_digests,
         )
         failures = sum(not self._send(command) for command in commands)
-        self._schedule_initiations(desired, loaded_conns, 0.0 if reconnected else INITIATE_GRACE)
+        self.upkeep.schedule_initiations(desired.target.initiated, loaded_conns, reconnected)
         if commands:
             log.info(
                 "reconciled",
@@ -272,54 +287,24 @@ class Agent:
                 failed=failures,
             )
         if failures == 0 and desired.keyring is not self.applied:
-            self._mark_applied(desired.keyring)
+            self.upkeep.applied(desired.keyring, self.applied)
+            self.applied = desired.keyring
         if failures == 0 and desired.mode != self.mode:
             self._enter_mode(desired)
         if desired.mode == "off":
-            return self._close_all(desired.keyring)
-        return self._maintain_sas()
+            at = desired.keyring.encryption.at
+            return self.upkeep.close_all(self.removed_at if self.removed_at is not None else at)
+        return self.upkeep.maintain(self.applied is not None)
 
     def _enter_mode(self, desired: Accepted) -> None:
         """At the switch to on, bring up at once what prepare could not (a peer that was
         not prepared yet), rather than when traffic hits the new trap."""
         log.info("encryption mode", node=self.config.node, mode=desired.mode, was=self.mode)
         if self.mode == "prepare" and desired.mode == "on":
-            present = {sa.conn for sa in self.sas}
+            present = {sa.conn for sa in self.upkeep.sas}
             for conn in sorted(desired.target.initiated - present):
-                self._initiate(conn)
+                self.upkeep.initiate(conn)
         self.mode = desired.mode
-
-    def _close_all(self, keyring: Keyring) -> float:
-        """Off: once every node's traps are gone (OFF_SETTLE), close every IKE_SA of ours;
-        until then they carry the traffic, so that switching off loses nothing."""
-        self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
-        self.stale = []
-        since = self.removed_at if self.removed_at is not None else keyring.encryption.at
-        settle = (since or 0.0) + OFF_SETTLE - time.time()
-        if settle > 0:
-            return min(settle, self.config.resync_seconds)
-        for sa in self.sas:
-            self._act(self._terminate_now, "closing IKE_SA, encryption is off", sa)
-        return self.config.resync_seconds
-
-    def _schedule_initiations(
-        self, desired: Accepted, loaded_conns: set[str], grace: float
-    ) -> None:
-        """Connections this charon did not hold that the other end would initiate: initiate
-        them too, `grace` seconds on, if no IKE_SA came up by then.
-
-        A charon met for the first time (a node joining, a new pod) gets INITIATE_GRACE, so
-        that the lower-IP end's initiation usually comes alone. A charon that restarted under
-        this agent gets none: its lower-IP peers lost their IKE_SAs with it (on SIGTERM it
-        deleted them) and their initiations during its downtime went unanswered; charon
-        retransmits only after 4 s, and the pair would be down until then."""
-        conns = desired.target.messages.conns
-        due = time.time() + grace
-        for name in conns:
-            if name not in loaded_conns and name not in desired.target.initiated:
-                self._initiate_due[name] = min(self._initiate_due.get(name, due), due)
-        for name in [name for name in self._initiate_due if name not in conns]:
-            del self._initiate_due[name]
 
     def _send(self, command: Command) -> bool:
         try:
@@ -366,119 +351,6 @@ class Agent:
         except GuardError as exc:
             self._fail("guard failed", str(exc))
 
-    def _mark_applied(self, keyring: Keyring) -> None:
-        """Note when the sent generation changed: IKE_SAs older than that are stale. The
-        master's moment where the keyring has one: the same on every node, so that the
-        IKE_SA the lower-IP end made after the switch is fresh at the other end too, however
-        late that end saw the switch (by its own moment it would reauthenticate it again)."""
-        switched = self.applied is not None and keyring.sent != self.applied.sent
-        if keyring.sent_since is not None:
-            self.sent_since = keyring.sent_since
-            self._switch_ids, self._capture_switch_ids = None, False
-        elif self.applied is None:
-            previous = self._previous_status
-            # SAs that predate this agent are current unless the record says the sent
-            # generation changed meanwhile: an agent restart must not renegotiate them.
-            changed = previous.get("sent_generation") not in (None, keyring.sent)
-            self.sent_since = time.time() if changed else previous.get("sent_since") or 0.0
-            self._capture_switch_ids = changed
-        elif switched:
-            self.sent_since = time.time()
-            self._capture_switch_ids = True
-        if switched:
-            self._reauth_issued.clear()
-            log.info("sent generation switched", node=self.config.node, sent=keyring.sent)
-        self.applied = keyring
-        self._peer_ips = {conn_name(p.name): ip_address(p.ip) for p in keyring.peers}
-        own = keyring.peer(self.config.node)
-        self._own_ip = ip_address(own.ip if own else "0.0.0.0")
-
-    def _maintain_sas(self) -> float:
-        """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
-        self.sas = [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
-        if self._capture_switch_ids:
-            self._switch_ids = frozenset(sa.unique_id for sa in self.sas)
-            self._capture_switch_ids = False
-        if self.applied is None or self.sent_since is None:
-            return self.config.resync_seconds
-        now = time.time()
-        decided = plan_sas(
-            self.sas,
-            now,
-            self.sent_since,
-            self._own_ip,
-            self._peer_ips,
-            self._reauth_issued,
-            self._timing,
-            self._initiate_due,
-            self._switch_ids,
-        )
-        for conn in decided.settled:
-            self._initiate_due.pop(conn, None)
-        for conn in decided.initiate:
-            self._initiate_due.pop(conn, None)
-            self._initiate(conn)
-        self.stale = decided.stale
-        for sa in decided.reauthenticate:
-            self._reauth_issued[sa.unique_id] = now
-            self._act(self._reauthenticate, "reauthenticating", sa)
-        for sa in decided.retire:
-            if sa.child_ids:
-                self._act(self._close_children, "closing the replaced CHILD_SAs", sa)
-            else:
-                self._act(self._terminate_now, "closing the replaced IKE_SA", sa)
-        for sa in decided.terminate:
-            self._act(self._terminate_now, "closing duplicate IKE_SA", sa)
-        for sa in decided.moved:
-            self._act(self._terminate_now, "closing IKE_SA on an old address", sa)
-        for sa in decided.orphans:
-            self._act(self._terminate_now, "closing IKE_SA its peer no longer has", sa)
-        return decided.wait
-
-    def _child_name(self, conn: str) -> str:
-        desired = self.desired.target.messages.conns.get(conn) if self.desired else None
-        return next(iter(desired[conn].get("children", {})), "") if desired else ""
-
-    def _initiate(self, conn: str) -> None:
-        child = self._child_name(conn)
-        if not child:
-            return
-        try:
-            self.charon.initiate(conn, child)
-        except CharonCommandError as exc:
-            log.info("initiate refused", node=self.config.node, peer=conn, error=str(exc))
-            return
-        log.info("initiating, no IKE_SA came up", node=self.config.node, peer=conn)
-
-    def _reauthenticate(self, sa: IkeSa) -> None:
-        self.charon.reauthenticate(sa.unique_id, sa.conn, self._child_name(sa.conn))
-
-    def _close_children(self, sa: IkeSa) -> None:
-        self.charon.close_children(sa.child_ids)
-
-    def _terminate_now(self, sa: IkeSa) -> None:
-        """Send the DELETE but do not wait for the answer: the SA may be one its peer no
-        longer has, whose CHILD_SA would swallow traffic until the retransmits give up."""
-        self.charon.terminate(sa.unique_id, force=True)
-
-    def _act(self, action: Callable[[IkeSa], None], event: str, sa: IkeSa) -> None:
-        try:
-            action(sa)
-        except CharonCommandError as exc:
-            self._fail(
-                f"{event} failed",
-                f"{event} {sa.conn} #{sa.unique_id} failed: {exc}; will retry",
-                peer=sa.conn,
-            )
-            return
-        log.info(
-            event,
-            node=self.config.node,
-            peer=sa.conn,
-            ike_sa=sa.unique_id,
-            sent=self.applied.sent if self.applied else None,
-        )
-
     def _fail(self, event: str, message: str, **fields: Any) -> None:
         """Record for the status report; log once while the same error persists."""
         if message not in self._reported:
@@ -487,13 +359,14 @@ class Agent:
 
     def status(self) -> StatusReport:
         applied = self.applied
-        up = {sa.conn for sa in self.sas if sa.state == "ESTABLISHED" and sa.children_installed}
+        sas, stale = self.upkeep.sas, self.upkeep.stale
+        up = {sa.conn for sa in sas if sa.state == "ESTABLISHED" and sa.children_installed}
         return {
             "node": self.config.node,
             "updated": time.time(),
             "keyring_serial": applied.serial if applied else None,
             "sent_generation": applied.sent if applied else None,
-            "sent_since": self.sent_since,
+            "sent_since": self.upkeep.sent_since,
             "generations": {
                 str(g.id): "sent" if g.id == applied.sent else "accepted"
                 for g in applied.generations
@@ -505,10 +378,10 @@ class Agent:
             "removed_at": self.removed_at,
             "peers_expected": len(self.desired.target.messages.conns) if self.desired else 0,
             "peers_up": len(up),
-            "ike_sas": len(self.sas),
-            "stale_ike_sas": len(self.stale),
-            "stale_peers": sorted({sa.conn for sa in self.stale}),
-            "reauthenticated": applied is not None and not self.stale,
+            "ike_sas": len(sas),
+            "stale_ike_sas": len(stale),
+            "stale_peers": sorted({sa.conn for sa in stale}),
+            "reauthenticated": applied is not None and not stale,
             "charon_connected": self.charon.connected,
             "guard": self._guard_status(),
             "vici_messages": self.charon.messages,

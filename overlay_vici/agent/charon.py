@@ -9,7 +9,7 @@ import contextlib
 import select
 import socket
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ import vici
 from vici.exception import CommandException, SessionException
 from vici.protocol import Message, Packet, Transport
 
+from overlay_vici.agent.plan import initiate_message
 from overlay_vici.agent.sa_plan import IkeSa
 
 T = TypeVar("T")
@@ -42,7 +43,6 @@ class Charon:
         # For the metrics: refusals and failures per command ("connect": no session), and
         # the IKE_SAs whose reauthentication charon accepted, oldest first (bounded).
         self.errors: Counter[str] = Counter()
-        self.reauth_requested: deque[str] = deque(maxlen=4096)
         self._session: vici.Session | None = None
 
     def connect(self) -> None:
@@ -147,22 +147,14 @@ class Charon:
                 )
         return result
 
-    def reauthenticate(self, ike_unique_id: str, conn: str, child: str) -> None:
-        """Start a new IKE_SA for the connection beside the stale one (its config differs,
-        render.ike_rand_time); the agent retires the stale one later (sa_plan.plan_sas)."""
-        self.initiate(conn, child)
-        self.reauth_requested.append(ike_unique_id)
-
     def close_children(self, child_ids: tuple[str, ...]) -> None:
         """Delete CHILD_SAs; returns at once, charon completes each exchange."""
         for child_id in child_ids:
             self.request("terminate", {"child-id": child_id, "timeout": "-1"})
 
     def initiate(self, conn: str, child: str) -> None:
-        """Bring a connection up; returns at once (timeout -1), the trap stays as a fallback."""
-        self.request(
-            "initiate", {"ike": conn, "child": child, "timeout": "-1", "init-limits": "no"}
-        )
+        """Bring a connection up; returns at once (plan.initiate_message)."""
+        self.request("initiate", initiate_message(conn, child))
 
     def terminate(self, ike_unique_id: str, force: bool = False) -> None:
         """Delete one IKE_SA; returns at once (timeout -1), charon completes it. With force,

@@ -24,7 +24,7 @@ from overlay_vici.core.contract import MODES, conn_name
 from overlay_vici.core.metrics import PREFIX, STEP_BUCKETS, Collector, Family, gauge, labelled
 
 if TYPE_CHECKING:
-    from overlay_vici.agent.agent import Agent
+    from overlay_vici.agent.agent import StepReport
     from overlay_vici.agent.sa_plan import IkeSa
     from overlay_vici.core.keyring import Keyring
 
@@ -251,21 +251,17 @@ class AgentMetrics:
         self._started = clock()
         self.registry.register(Collector(self.families))
 
-    def observe(self, agent: Agent, seconds: float) -> None:
-        """After every step, in the agent's thread; never raises into the agent."""
+    def observe(self, report: StepReport, seconds: float) -> None:
+        """After every step, in the agent's thread, from its report; never raises into the
+        agent."""
         try:
-            status = agent.status()
-            sas = list(agent.sas)
-            requested = []
-            while agent.charon.reauth_requested:
-                requested.append(agent.charon.reauth_requested.popleft())
-            conns = agent.desired.target.messages.conns if agent.desired else {}
-            peer_up = peer_sa_up(agent.applied, agent.config.node, sas)
+            status = report.status
+            peer_up = peer_sa_up(report.keyring, status["node"], report.sas)
             now = self.clock()
             with self._lock:
-                self.reauths.observe(requested, sas, conns)
-                self._status, self._peer_up = status, peer_up
-                self.counts.vici_errors = dict(agent.charon.errors)
+                self.reauths.observe(report.reauth_requested, report.sas, report.conns)
+                self._status, self._peer_up = dict(status), peer_up
+                self.counts.vici_errors = dict(report.vici_errors)
                 self._last_step = now
                 if status.get("charon_connected") and not status.get("last_error"):
                     self._last_success = now

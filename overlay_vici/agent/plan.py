@@ -51,10 +51,15 @@ def digest(message: dict[str, Any]) -> str:
     return hashlib.sha256(repr(message).encode()).hexdigest()
 
 
-def _initiate(conn: str, load_conn: dict[str, Any]) -> dict[str, Any]:
-    """Bring a connection up in the background; the trap stays as the safety net."""
-    child = next(iter(load_conn[conn].get("children", {})), "")
-    return {"child": child, "ike": conn, "timeout": "-1", "init-limits": "no"}
+def child_name(conn: str, load_conn: dict[str, Any] | None) -> str:
+    """The CHILD_SA a connection's load-conn message defines ("" if none)."""
+    return next(iter(load_conn[conn].get("children", {})), "") if load_conn else ""
+
+
+def initiate_message(conn: str, child: str) -> dict[str, Any]:
+    """Bring a connection up in the background (timeout -1: `initiate` returns at once);
+    the trap stays as the safety net."""
+    return {"ike": conn, "child": child, "timeout": "-1", "init-limits": "no"}
 
 
 def _terminate(conn: str) -> dict[str, Any]:
@@ -79,7 +84,9 @@ def plan(
         if subject not in loaded or sent.get(subject) != desired.digests[subject]
     ]
     commands += [
-        Command("initiate", _initiate(name, message), name, must_succeed=False)
+        Command(
+            "initiate", initiate_message(name, child_name(name, message)), name, must_succeed=False
+        )
         for name, message in desired.messages.conns.items()
         if name in desired.initiated and name not in loaded_conns
     ]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jinja2
 
+from overlay_vici.agent.sa_plan import lower_ip_leads
 from overlay_vici.core.contract import CONN_PREFIX, conn_name
 from overlay_vici.core.keyring import Keyring, Peer, pair_psk
 from overlay_vici.core.options import seconds
@@ -92,7 +93,7 @@ def is_owned_secret(key_id: str) -> bool:
 
 def policy_priority(keyring: Keyring, node: Peer, peer: Peer) -> int:
     """See POLICY_PRIORITY: worse with every generation on the reauthentication's responder."""
-    if ip_address(node.ip) < ip_address(peer.ip):
+    if lower_ip_leads(ip_address(node.ip), ip_address(peer.ip)):
         return POLICY_PRIORITY
     return POLICY_PRIORITY + max(gen.id for gen in keyring.generations)
 

@@ -127,7 +127,7 @@ def plan_sas(
     for sa in established:
         by_conn.setdefault(sa.conn, []).append(sa)
     for conn, group in by_conn.items():
-        leads = _leads(own_ip, peer_ips.get(conn))
+        leads = lower_ip_leads(own_ip, peer_ips.get(conn))
         if not leads and len(group) > 1:
             orphans = _orphans(group, timing.resync + REAUTH_POLL)
             result.orphans += orphans
@@ -198,6 +198,7 @@ def _moved(sa: IkeSa, own_ip: IP, peer_ip: IP | None) -> bool:
     return local != own_ip or (peer_ip is not None and remote != peer_ip)
 
 
-def _leads(own_ip: IP, peer_ip: IP | None) -> bool:
-    """The lower node IP acts first for the pair, so that the two ends do not cross."""
+def lower_ip_leads(own_ip: IP, peer_ip: IP | None) -> bool:
+    """Whether this end leads the pair: the lower node IP acts first (initiates, keeps its
+    own of two duplicates, reauthenticates first), so that the two ends do not cross."""
     return peer_ip is None or own_ip < peer_ip
