@@ -26,8 +26,9 @@ from overlay_vici.cli import main
 from overlay_vici.core import keyring as kr
 from overlay_vici.core.contract import lease_name
 from overlay_vici.core.files import write_json
-from overlay_vici.master.kube import REQUEST_ANNOTATION, KubeStore, NodeWatcher, api_client
+from overlay_vici.master.kube import REQUEST_ANNOTATION, KubeStore, api_client
 from overlay_vici.master.master import Master
+from overlay_vici.master.nodes import NodeWatcher
 from overlay_vici.master.rotation import Policy
 from overlay_vici.reporter.lease import ApiServer, LeaseReporter, run_reporter
 
@@ -812,7 +813,7 @@ def test_the_enabled_file_switches_every_node_through_the_api(
 
 
 def test_the_switchs_events_name_the_moment_and_any_agents_skipped() -> None:
-    from overlay_vici.master.kube import k8s_event
+    from overlay_vici.master.events import k8s_event
 
     scheduled = k8s_event(
         "encryption switch scheduled",

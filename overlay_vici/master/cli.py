@@ -205,7 +205,7 @@ def _master(args: argparse.Namespace) -> int:
         return 0
     import socket
 
-    from overlay_vici.master.kube import NodeWatcher
+    from overlay_vici.master.nodes import NodeWatcher
 
     wake = threading.Event()
     kube, api = _kube_store(
