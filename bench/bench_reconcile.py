@@ -40,8 +40,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,12 +57,16 @@ from unittest import mock
 import vici
 from vici.exception import CommandException
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from charon_process import CharonProcess
+
 from overlay_vici.agent import agent as agent_module
 from overlay_vici.agent import render as render_module
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
 from overlay_vici.agent.plan import Desired
-from overlay_vici.agent.render import Settings, strongswan_conf
+from overlay_vici.agent.render import Settings
 from overlay_vici.agent.swanctl_conf import Messages, to_messages
 from overlay_vici.core.files import publish_secret
 from overlay_vici.core.keyring import Generation, Keyring, Peer, dumps, new_generation_key
@@ -151,80 +153,14 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------- charon
 
 
-@dataclass
-class PrivateCharon:
-    """One charon started for this run, driven over its own VICI socket."""
+# What `overlay-vici render strongswan` prints, plus random IKE ports so that this charon
+# does not collide with one already bound to 500/4500.
+RANDOM_PORTS = "charon {\n  port = 0\n  port_nat_t = 0\n}\n"
 
-    workdir: Path
-    binary: str
-    isolate: bool
-    process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def socket_path(self) -> Path:
-        return self.workdir / "charon.vici"
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "charon.log"
-
-    def start(self) -> None:
-        conf = self.workdir / "strongswan.conf"
-        # What `overlay-vici render strongswan` prints, plus random IKE ports so that this
-        # charon does not collide with one already bound to 500/4500.
-        text = strongswan_conf(str(self.socket_path), str(self.log_path))
-        conf.write_text(text + "charon {\n  port = 0\n  port_nat_t = 0\n}\n")
-        command = [self.binary]
-        if self.isolate:
-            command = [
-                "unshare",
-                "--mount",
-                "--net",
-                "--fork",
-                "sh",
-                "-c",
-                f'mount -t tmpfs tmpfs /run && exec "{self.binary}"',
-            ]
-        env = {**os.environ, "STRONGSWAN_CONF": str(conf)}
-        stdout = (self.workdir / "charon.stdout").open("wb")
-        self.process = subprocess.Popen(
-            command, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"charon exited at start; see {self.log_path}\n{self.tail()}")
-            try:
-                with self.session() as session:
-                    session.request("version")
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"charon's VICI socket {self.socket_path} did not come up")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # the group this run started
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    @contextmanager
-    def session(self) -> Iterator[vici.Session]:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(120)
-        try:
-            sock.connect(str(self.socket_path))
-            yield vici.Session(sock)
-        finally:
-            sock.close()
+class PrivateCharon(CharonProcess):
+    """One charon started for this run (tests/charon_process.py), and what the benchmark
+    asks of it besides."""
 
     def version(self) -> str:
         with self.session() as session:
@@ -878,7 +814,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     isolate = not args.no_isolate and os.geteuid() == 0 and shutil.which("unshare") is not None
     workdir = Path(tempfile.mkdtemp(prefix="overlay-vici-bench."))
-    charon = PrivateCharon(workdir, args.charon, isolate)
+    charon = PrivateCharon(
+        workdir,
+        args.charon,
+        isolate,
+        extra_conf=RANDOM_PORTS,
+        stdout=workdir / "charon.stdout",
+        session_timeout=120,
+    )
     started = time.perf_counter()
     load_before = loadavg()
     try:

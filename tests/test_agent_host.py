@@ -13,124 +13,34 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import vici
+from charon_process import CHARON, CharonProcess
 from keyring_fixtures import build_keyring, node_ip
 
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
-from overlay_vici.agent.render import Settings, conn_name, secret_id, strongswan_conf
+from overlay_vici.agent.render import Settings, conn_name, secret_id
 from overlay_vici.agent.sa_plan import INITIATE_GRACE
 from overlay_vici.core.contract import KEYRING_FILE
 from overlay_vici.core.files import publish_secret, write_json
 from overlay_vici.core.keyring import Encryption, Keyring, Peer, dumps
 
-CHARON = "/usr/lib/ipsec/charon"
 NODE = "node-0"
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists(CHARON) and shutil.which("unshare") and os.geteuid() == 0),
     reason="needs strongSwan's charon, unshare and root (private namespaces per charon)",
 )
-
-
-@dataclass
-class CharonProcess:
-    """One charon in its own namespaces, reachable over VICI at `socket`."""
-
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.dir / "charon.vici"
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self) -> None:
-        conf = self.dir / "strongswan.conf"
-        conf.write_text(strongswan_conf(str(self.socket), log_file=str(self.dir / "charon.log")))
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--net", "--fork", "--kill-child=SIGKILL", "sh", "-c",
-             f"mount -t tmpfs tmpfs /run && exec {CHARON}"],
-            env={**os.environ, "STRONGSWAN_CONF": str(conf)},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"charon exited with {self.proc.returncode}")
-            try:
-                with self.session() as session:
-                    session.request("stats")
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("charon's VICI socket did not come up within 10 s")
-
-    def kill(self) -> None:
-        """SIGKILL charon's process group, then wait until its socket refuses connections.
-
-        unshare may exit a moment before charon has died, and until then the kernel still
-        queues connections on charon's listening socket.
-        """
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(self.socket))
-            except (ConnectionRefusedError, FileNotFoundError):
-                return
-            finally:
-                probe.close()
-            time.sleep(0.02)
-        raise RuntimeError("charon's VICI socket still accepts connections after SIGKILL")
-
-    @contextmanager
-    def session(self) -> Iterator[vici.Session]:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(10)
-        try:
-            sock.connect(str(self.socket))
-            yield vici.Session(sock)
-        finally:
-            sock.close()
-
-    def state(self) -> tuple[set[str], set[str]]:
-        """charon's loaded connection names and shared key ids, over our own session."""
-        with self.session() as session:
-            conns = {c.decode() for c in session.request("get-conns")["conns"]}
-            keys = {k.decode() for k in session.request("get-shared")["keys"]}
-        return conns, keys
-
-    def conn_details(self, name: str) -> dict[str, Any]:
-        with self.session() as session:
-            for conn in session.list_conns({"ike": name}):
-                if name in conn:
-                    return conn[name]
-        raise KeyError(name)
 
 
 @pytest.fixture

@@ -17,11 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-
 from overlay_vici.core import log
 from overlay_vici.core.contract import MODES, conn_name
-from overlay_vici.core.metrics import PREFIX, STEP_BUCKETS, Collector, Family, gauge, labelled
+from overlay_vici.core.metrics import Collector, Family, gauge, labelled, registry_with_steps
 
 if TYPE_CHECKING:
     from overlay_vici.agent.agent import StepReport
@@ -232,13 +230,9 @@ class AgentMetrics:
     def __init__(self, resync: float, clock: Callable[[], float] = time.time) -> None:
         self.resync = resync
         self.clock = clock
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)  # process_* (CPU, memory, open files)
-        self.reconcile = Histogram(
-            PREFIX + "reconcile_duration_seconds",
+        self.registry, self.reconcile = registry_with_steps(
+            "reconcile_duration_seconds",
             "duration of the agent's reconcile passes (keyring, charon, SAs)",
-            buckets=STEP_BUCKETS,
-            registry=self.registry,
         )
         self.counts = AgentCounts()
         self.reauths = ReauthTracker()

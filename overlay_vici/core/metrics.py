@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from overlay_vici.core import log
@@ -49,6 +49,15 @@ def labelled(
     return Family(
         PREFIX + name, kind, help, labels, tuple((tuple(lv), float(v)) for lv, v in samples)
     )
+
+
+def registry_with_steps(name: str, help: str) -> tuple[CollectorRegistry, Histogram]:
+    """A process's registry: process_* (CPU, memory, open files) and the histogram of its
+    loop's passes, `name`."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    steps = Histogram(PREFIX + name, help, buckets=STEP_BUCKETS, registry=registry)
+    return registry, steps
 
 
 def to_prometheus(families: Iterable[Family]) -> Iterator[Metric]:

@@ -12,11 +12,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-
 from overlay_vici.core import log
 from overlay_vici.core.contract import PHASES
-from overlay_vici.core.metrics import PREFIX, STEP_BUCKETS, Collector, Family, gauge, labelled
+from overlay_vici.core.metrics import Collector, Family, gauge, labelled, registry_with_steps
 
 if TYPE_CHECKING:
     from overlay_vici.master.master import Master
@@ -120,13 +118,9 @@ class MasterMetrics:
     def __init__(self, tick: float, clock: Callable[[], float] = time.time) -> None:
         self.tick = tick
         self.clock = clock
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)  # process_* (CPU, memory, open files)
-        self.step_duration = Histogram(
-            PREFIX + "master_step_duration_seconds",
+        self.registry, self.step_duration = registry_with_steps(
+            "master_step_duration_seconds",
             "duration of the master's passes (lead, read, decide, write)",
-            buckets=STEP_BUCKETS,
-            registry=self.registry,
         )
         self._lock = threading.Lock()
         self._leader = False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import vici
-from mesh import Mesh, Node, swanctl
+from mesh import Mesh, Node, Pinger, ping_once, swanctl
 
 from overlay_vici.agent.render import strongswan_conf
 from overlay_vici.core import keyring as kr
@@ -246,3 +246,73 @@ def mode_changes(node: Node, mode: str) -> list[float]:
         if entry.get("event") == "encryption mode" and entry.get("mode") == mode:
             times.append(datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp())
     return times
+
+
+# --- waits and measures the tests share ---
+
+
+def ping_every_pair(nodes: Sequence[Node]) -> None:
+    """Wait until every pair's pod ping gets through (its SAs are up)."""
+    for src in nodes:
+        for dst in nodes:
+            if src is not dst:
+                wait_for(
+                    f"{src.name} -> {dst.name} pod ping",
+                    lambda s=src, d=dst: ping_once(s, d, count=1, timeout=3).received,
+                )
+
+
+def warm_up(mesh: Mesh) -> None:
+    """Trigger every pair's trap policy; the first packets of a pair are dropped meanwhile."""
+    pinger = mesh.pinger()
+    pinger.start()
+    time.sleep(4)
+    pinger.stop()
+    ping_every_pair(mesh.nodes)
+
+
+def wait_applied(master: LocalMaster, nodes: Sequence[Node], timeout: float = 60) -> None:
+    serial = master.keyring().serial
+    for node in nodes:
+        wait_for(
+            f"{node.name}'s agent to apply keyring serial {serial}",
+            lambda n=node: ((status(n) or {}).get("keyring_serial") or 0) >= serial,
+            timeout,
+        )
+
+
+def wait_rotated(master: LocalMaster, rotation: int, timeout: float = 120) -> dict[str, Any]:
+    return wait_for(
+        f"rotation {rotation} to finish",
+        lambda: (
+            (doc := master.state_doc()).get("rotation") == rotation
+            and doc.get("phase") == "idle"
+            and doc
+        ),
+        timeout,
+        interval=0.25,
+    )
+
+
+def wait_phase(master: LocalMaster, phase: str, timeout: float = 60) -> None:
+    wait_for(f"phase {phase}", lambda: master.state_doc().get("phase") == phase, timeout, 0.2)
+
+
+def lost_at(pinger: Pinger) -> list[tuple[str, float]]:
+    """(pair, time) of each lost probe, midway between the replies around it: the mesh's
+    pings run with -D, so every reply line carries its time."""
+    result = []
+    for src, dst in pinger.pairs:
+        text = (pinger.logdir / f"{src.name}-{dst.name}.log").read_text()
+        replies = {
+            int(seq): float(t)
+            for t, seq in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", text, re.M)
+        }
+        for seq in range(min(replies, default=0), max(replies, default=0)):
+            if seq not in replies:
+                before = max(k for k in replies if k < seq)
+                after = min(k for k in replies if k > seq)
+                share = (seq - before) / (after - before)
+                when = replies[before] + (replies[after] - replies[before]) * share
+                result.append((f"{src.name}->{dst.name}", round(when, 2)))
+    return result

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, agent_events, loaded, sa_blocks, status, wait_for
+from cluster import Cluster, agent_events, loaded, sa_blocks, status, wait_for, warm_up
 from mesh import Mesh, Node, ping_once, shortfalls
 
 from overlay_vici.agent.render import conn_name, secret_id
@@ -30,21 +30,6 @@ def cluster3(tmp_path: Path) -> Iterator[Cluster]:
         cluster = Cluster(mesh, FAST)
         cluster.up()
         yield cluster
-
-
-def warm_up(mesh: Mesh) -> None:
-    """Trigger every pair's trap policy; the first packets of a pair are dropped meanwhile."""
-    pinger = mesh.pinger()
-    pinger.start()
-    time.sleep(4)
-    pinger.stop()
-    for src in mesh.nodes:
-        for dst in mesh.nodes:
-            if src is not dst:
-                wait_for(
-                    f"{src.name} -> {dst.name} pod ping",
-                    lambda s=src, d=dst: ping_once(s, d, count=1, timeout=3).received,
-                )
 
 
 def assert_ipip_only_sas(node: Node, peers: list[Node]) -> None:

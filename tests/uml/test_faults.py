@@ -34,9 +34,19 @@ from typing import Any
 
 import pytest
 import vici
-from cluster import Cluster, LocalMaster, agent_events, loaded, status, wait_for
+from cluster import (
+    Cluster,
+    LocalMaster,
+    agent_events,
+    loaded,
+    lost_at,
+    status,
+    wait_applied,
+    wait_for,
+    wait_phase,
+    wait_rotated,
+)
 from mesh import PING_INTERVAL, Mesh, Node, Pinger, ip_batch
-from test_rotation_mesh import lost_at, wait_applied, wait_phase, wait_rotated
 
 from overlay_vici.agent.guard_plan import GuardPeer, installed_outside
 from overlay_vici.agent.render import conn_name, strongswan_conf

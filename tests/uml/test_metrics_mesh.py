@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster import AGENT, Cluster, agent_events, status, wait_for
+from cluster import AGENT, Cluster, agent_events, ping_every_pair, status, wait_for
 from mesh import Mesh, Node, ping_once
 
 from overlay_vici.core import keyring as kr
@@ -55,21 +55,11 @@ def value(node: Node, name: str) -> float:
     return scrape(node).get("samples", {}).get(name, 0.0)
 
 
-def warm_up(mesh: Mesh) -> None:
-    for src in mesh.nodes:
-        for dst in mesh.nodes:
-            if src is not dst:
-                wait_for(
-                    f"{src.name} -> {dst.name} pod ping",
-                    lambda s=src, d=dst: ping_once(s, d, count=1, timeout=3).received,
-                )
-
-
 def test_metrics_follow_charon_through_rekeys_and_a_key_switch(tmp_path: Path) -> None:
     with Mesh(2, tmp_path) as mesh:
         cluster = Cluster(mesh, [*FAST, "--child-rekey-time", "10s", "--ike-rekey-time", "20s"])
         first = cluster.up()
-        warm_up(mesh)
+        ping_every_pair(mesh.nodes)
         n1 = mesh.nodes[0]
         view = wait_for(
             "n1's metrics to show n2 up",

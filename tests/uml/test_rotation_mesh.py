@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import time
@@ -22,9 +21,19 @@ from typing import Any
 
 import pytest
 import vici
-from cluster import Cluster, LocalMaster, loaded, status, wait_for
+from cluster import (
+    Cluster,
+    LocalMaster,
+    loaded,
+    lost_at,
+    status,
+    wait_applied,
+    wait_for,
+    wait_phase,
+    wait_rotated,
+    warm_up,
+)
 from mesh import Mesh, Node, PairStats, Pinger, ping_once
-from test_agent_mesh import warm_up
 
 from overlay_vici.agent.render import conn_name, is_owned_conn
 
@@ -42,33 +51,6 @@ def mesh4(tmp_path: Path) -> Iterator[tuple[Mesh, LocalMaster, Cluster]]:
         wait_applied(master, mesh.nodes)
         warm_up(mesh)
         yield mesh, master, cluster
-
-
-def wait_applied(master: LocalMaster, nodes: Sequence[Node], timeout: float = 60) -> None:
-    serial = master.keyring().serial
-    for node in nodes:
-        wait_for(
-            f"{node.name}'s agent to apply keyring serial {serial}",
-            lambda n=node: ((status(n) or {}).get("keyring_serial") or 0) >= serial,
-            timeout,
-        )
-
-
-def wait_rotated(master: LocalMaster, rotation: int, timeout: float = 120) -> dict[str, Any]:
-    return wait_for(
-        f"rotation {rotation} to finish",
-        lambda: (
-            (doc := master.state_doc()).get("rotation") == rotation
-            and doc.get("phase") == "idle"
-            and doc
-        ),
-        timeout,
-        interval=0.25,
-    )
-
-
-def wait_phase(master: LocalMaster, phase: str, timeout: float = 60) -> None:
-    wait_for(f"phase {phase}", lambda: master.state_doc().get("phase") == phase, timeout, 0.2)
 
 
 def ike_sas(node: Node) -> list[dict[str, Any]]:
@@ -125,26 +107,6 @@ def xfrm_drops(nodes: Sequence[Node]) -> dict[str, int]:
             name, value = line.split()
             totals[name] = totals.get(name, 0) + int(value)
     return totals
-
-
-def lost_at(pinger: Pinger) -> list[tuple[str, float]]:
-    """(pair, time) of each lost probe, midway between the replies around it: the mesh's
-    pings run with -D, so every reply line carries its time."""
-    result = []
-    for src, dst in pinger.pairs:
-        text = (pinger.logdir / f"{src.name}-{dst.name}.log").read_text()
-        replies = {
-            int(seq): float(t)
-            for t, seq in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", text, re.M)
-        }
-        for seq in range(min(replies, default=0), max(replies, default=0)):
-            if seq not in replies:
-                before = max(k for k in replies if k < seq)
-                after = min(k for k in replies if k > seq)
-                share = (seq - before) / (after - before)
-                when = replies[before] + (replies[after] - replies[before]) * share
-                result.append((f"{src.name}->{dst.name}", round(when, 2)))
-    return result
 
 
 def record_lost_at(pinger: Pinger, history: dict[str, float]) -> list[tuple[str, float, str]]:
