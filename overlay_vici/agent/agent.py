@@ -9,7 +9,7 @@ guard and trapped connections; 'prepare' loads keys and connections without trap
 brings the SAs up, so that at the moment every pair is already encrypted and nothing but
 the enforcement (traps, guard) changes; 'off' unloads everything and removes the guard.
 The mode changes at the keyring's moment, read from this node's clock. A removal notice
-(removal.py: the install is being deleted) switches this node off at once, whatever the
+(reporter/removal.py: the install is being deleted) switches this node off at once, whatever the
 keyring says.
 """
 
@@ -60,7 +60,7 @@ class AgentConfig:
     reauth_grace: float = 30.0
     # The fail-closed guard (netfilter); None leaves netfilter alone (tests on the host).
     guard: Guard | None = None
-    # Written by the report-lease container when the agent DaemonSet is deleted (removal.py).
+    # Written by the report-lease container when the agent DaemonSet is deleted (reporter/removal.py).
     removal_notice: Path | None = None
     # Called after every step with its report and duration (the metrics).
     on_step: Callable[[StepReport, float], None] | None = None
