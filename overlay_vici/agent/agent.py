@@ -60,7 +60,7 @@ class AgentConfig:
     reauth_grace: float = 30.0
     # The fail-closed guard (netfilter); None leaves netfilter alone (tests on the host).
     guard: Guard | None = None
-    # Written by the report-lease container when the agent DaemonSet is deleted (reporter/removal.py).
+    # Written by report-lease when the agent DaemonSet is deleted (reporter/removal.py).
     removal_notice: Path | None = None
     # Called after every step with its report and duration (the metrics).
     on_step: Callable[[StepReport, float], None] | None = None
