@@ -40,8 +40,7 @@ class Charon:
         self.messages = 0
         # Bumped on every new session: a new session may face a new charon that forgot all.
         self.sessions = 0
-        # For the metrics: refusals and failures per command ("connect": no session), and
-        # the IKE_SAs whose reauthentication charon accepted, oldest first (bounded).
+        # For the metrics: refusals and failures per command ("connect": no session).
         self.errors: Counter[str] = Counter()
         self._session: vici.Session | None = None
 
