@@ -90,6 +90,14 @@ def _add_iptables_backend(parser: argparse.ArgumentParser, help: str) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """The agent's subcommands, in the order `--help` lists them."""
+    _add_agent_command(commands)
+    _add_render_command(commands)
+    _add_mtu_command(commands)
+    _add_guard_command(commands)
+
+
+def _add_agent_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici agent`: the per-node loop."""
     agent = commands.add_parser(
         "agent",
         help="run the per-node agent",
@@ -160,6 +168,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     add_metrics_port(agent, AGENT_METRICS_PORT)
     _add_settings(agent)
 
+
+def _add_render_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici render strongswan|swanctl`: previews."""
     render = commands.add_parser("render", help="print what the agent tells charon")
     render.set_defaults(run=_render)
     targets = render.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -172,6 +183,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     swanctl.add_argument("--keys", required=True, type=Path, metavar="DIR")
     _add_settings(swanctl)
 
+
+def _add_mtu_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici mtu`: the largest safe tunl0 MTU, or a check of this node's."""
     mtu = commands.add_parser(
         "mtu",
         help="largest safe IPIP (tunl0) MTU for an external MTU, or check this node's",
@@ -197,6 +211,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "non-tunnel interfaces carrying the default route or a network route)",
     )
 
+
+def _add_guard_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici guard show|remove|install`."""
     guard = commands.add_parser(
         "guard",
         help="install, show or remove this node's guard (netfilter rules that drop "

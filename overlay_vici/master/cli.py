@@ -57,6 +57,14 @@ def _add_policy(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """The master's subcommands, in the order `--help` lists them."""
+    _add_master_command(commands)
+    _add_rotate_command(commands)
+    _add_encryption_command(commands)
+    _add_status_command(commands)
+
+
+def _add_master_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici master`: the keyring's keeper."""
     master = commands.add_parser(
         "master",
         help="run the master: keep the keyring Secret and rotate its keys",
@@ -120,6 +128,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     add_log_level(master)
     add_metrics_port(master, MASTER_METRICS_PORT)
 
+
+def _add_rotate_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici rotate`: a rotation now."""
     rotate = commands.add_parser(
         "rotate", help="start a key rotation now", description="Ask the master to rotate now."
     )
@@ -127,6 +138,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     _add_local(rotate)
     _add_kube(rotate)
 
+
+def _add_encryption_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici encryption on|off`: the switch, in local mode."""
     encryption = commands.add_parser(
         "encryption",
         help="switch encryption on or off on every node at once",
@@ -138,6 +152,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     encryption.add_argument("state", choices=["on", "off"])
     _add_local(encryption)
 
+
+def _add_status_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`overlay-vici status`: the mesh, node by node."""
     status = commands.add_parser(
         "status",
         help="show the mesh: generations, rotation, and every node's agent",
