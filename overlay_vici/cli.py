@@ -567,10 +567,11 @@ def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ig
 
 def _edge_errors() -> tuple[type[Exception], ...]:
     """The edges' one-sentence errors, without importing `kubernetes` for other commands."""
+    from overlay_vici.lease import LeaseError
     from overlay_vici.netfilter import GuardError
 
     kube = sys.modules.get("overlay_vici.kube")
-    return (GuardError, kube.KubeError) if kube else (GuardError,)
+    return (GuardError, LeaseError, kube.KubeError) if kube else (GuardError, LeaseError)
 
 
 def _api_call(call, *args):  # type: ignore[no-untyped-def]
