@@ -1,13 +1,16 @@
 # syntax=docker/dockerfile:1
 # overlay-vici: one image for the master, the agent, report-lease and charon (strongSwan
 # 5.9.8 from Debian 12).   docker build -t overlay-vici:0.1.0 .
+# scripts/image builds it from a Debian base made locally with debootstrap instead
+# (--build-arg BASE=localhost/overlay-vici-base:...), then runs the smoke test tests/image/.
 # The master runs as the image's non-root user; the agent pod's charon, agent and modules
 # containers run as root with only the capabilities deploy/overlay-vici.yaml grants.
 
-ARG DEBIAN=bookworm-slim
+# Any Debian 12 (bookworm) root filesystem: Docker Hub's by default.
+ARG BASE=debian:bookworm-slim
 
 # --- build: the package's wheel and every dependency's, for an offline install below ---
-FROM debian:${DEBIAN} AS build
+FROM ${BASE} AS build
 # Debian stable gets security updates under the same release: pin the release (the base
 # image), not package versions that the archive drops after each update.
 # hadolint ignore=DL3008
@@ -20,11 +23,16 @@ COPY pyproject.toml README.md ./
 COPY overlay_vici/ overlay_vici/
 COPY templates/ templates/
 # Wheels only for the dependencies: the final stage has no compiler, and neither does this.
-RUN /build/venv/bin/pip wheel --no-cache-dir --wheel-dir /wheels --only-binary=:all: \
+# Behind a TLS-inspecting proxy, give pip its CA bundle for PyPI as a build secret
+# (--secret id=ca-bundle,src=FILE; scripts/image passes the machine's own): a secret is
+# never stored in a layer, and this stage is not part of the image anyway.
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+    && /build/venv/bin/pip wheel --no-cache-dir --wheel-dir /wheels --only-binary=:all: \
         --no-binary=overlay-vici '.[master]'
 
 # --- final ---
-FROM debian:${DEBIAN}
+FROM ${BASE}
 LABEL org.opencontainers.image.title="overlay-vici" \
       org.opencontainers.image.description="IPsec for Calico IPIP traffic: agent, master and strongSwan charon" \
       org.opencontainers.image.licenses="Apache-2.0"

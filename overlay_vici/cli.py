@@ -17,6 +17,7 @@ from overlay_vici.reporter import cli as reporter_cli
 EDGE_ERRORS = (
     ("overlay_vici.agent.netfilter", "GuardError"),
     ("overlay_vici.master.kube", "KubeError"),
+    ("overlay_vici.reporter.lease", "LeaseError"),
 )
 
 

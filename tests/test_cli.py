@@ -323,3 +323,13 @@ def test_guard_install_does_what_the_agents_first_pass_does(
         0, "encryption is off for node node-0 (keyring serial 3): no guard needed\n"
     )  # fmt: skip
     assert guard("show")[:2] == (1, f"guard not installed (iptables-{backend})\n")
+
+
+def test_report_lease_outside_a_pod_says_what_to_pass(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    code, _, err = cli(capsys, "report-lease", "--node", "node-0", "--status",
+                       str(tmp_path / "status.json"))  # fmt: skip
+    assert code == 2
+    assert err == "overlay-vici: not in a pod (no KUBERNETES_SERVICE_HOST); pass --server\n"

@@ -48,7 +48,7 @@ def test_nested_sections_and_key_values() -> None:
 
 def test_comments_are_ignored_everywhere() -> None:
     """Whole-line comments, comments after a value and after `{` are dropped."""
-    text = "# head\na { # after brace\n  # inside\n  k = v # trailing\n  q = \"x # y\"\n}\n#end"
+    text = '# head\na { # after brace\n  # inside\n  k = v # trailing\n  q = "x # y"\n}\n#end'
     assert parse_settings(text) == {"a": {"k": "v", "q": "x # y"}}
 
 
