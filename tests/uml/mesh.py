@@ -37,6 +37,10 @@ POLL_INTERVAL = 0.25  # process start-up is slow in the guest: poll sparingly
 PING_INTERVAL = 0.05  # 20 probes per second and pair
 IN_FLIGHT = 5  # probes, 0.25 s: see _ping_stats
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the terminating NUL
+# The iptables backend the agents' guards use: they take FELIX_IPTABLESBACKEND, as in a Calico
+# cluster (scripts/qemu-lab runs the suites with nft and with legacy); unset, they pick legacy
+# (the test counters' backend; the UML kernel has no nf_tables).
+GUARD_BACKEND = os.environ.get("FELIX_IPTABLESBACKEND", "").lower() or "legacy"
 
 # Raw PREROUTING sees a packet before IPsec decrypts or drops it. Decrypted ESP comes back
 # through PREROUTING with a secpath, so `--pol none` matches only IPIP that arrived in plaintext.
@@ -164,6 +168,7 @@ class Node:
         self.strongswan_conf = self.dir / "strongswan.conf"
         self._processes: list[subprocess.Popen[bytes]] = []
         self._charon: subprocess.Popen[bytes] | None = None
+        self.guard_backend = GUARD_BACKEND  # where the node's guard is expected
 
     def __repr__(self) -> str:
         return f"Node({self.name}, {self.ip})"
@@ -288,9 +293,13 @@ class Node:
             entries += [e for e in re.split(r"\n(?=src )", text) if e]
         return [e for e in entries if not re.search(r"^\s+socket (in|out) ", e, re.M)]
 
+    def iptables_save(self, *args: str) -> str:
+        """iptables-save of the backend the node's guard is in."""
+        return self.run([f"iptables-{self.guard_backend}-save", *args]).stdout
+
     def guarded(self) -> bool:
-        """Whether the overlay-vici guard chains exist in the node's (legacy) iptables."""
-        return "OVERLAY-VICI" in self.run(["iptables-legacy-save"]).stdout
+        """Whether the overlay-vici guard chains exist in the node's iptables."""
+        return "OVERLAY-VICI" in self.iptables_save()
 
     def kill_all(self) -> None:
         """SIGKILL every process started in the node and reap it."""

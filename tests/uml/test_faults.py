@@ -161,19 +161,14 @@ def guard_drops(nodes: Sequence[Node]) -> dict[str, int]:
     """Per node, the packets its guard dropped (both directions, since its last rewrite)."""
     drops = {}
     for node in nodes:
-        saved = "".join(
-            node.run(["iptables-legacy-save", "-c", "-t", table]).stdout
-            for table in ("raw", "mangle")
-        )
+        saved = "".join(node.iptables_save("-c", "-t", table) for table in ("raw", "mangle"))
         drops[node.name] = sum(int(n) for n in _GUARD_DROP.findall(saved))
     return drops
 
 
 def guard_of(node: Node) -> tuple[GuardPeer, ...] | None:
     """The node's installed guard: its allow-list if it is whole, else None."""
-    return installed_outside(
-        {t: node.run(["iptables-legacy-save", "-t", t]).stdout for t in ("raw", "mangle")}
-    )
+    return installed_outside({t: node.iptables_save("-t", t) for t in ("raw", "mangle")})
 
 
 def xfrm_stats(node: Node) -> dict[str, int]:
@@ -277,8 +272,14 @@ class Bed:
 
 
 @contextlib.contextmanager
-def bed_of(workdir: Path, agent_args: Sequence[str] = FAST) -> Iterator[Bed]:
+def bed_of(
+    workdir: Path,
+    agent_args: Sequence[str] = FAST,
+    prepare: Callable[[Mesh], object] = lambda mesh: None,
+) -> Iterator[Bed]:
+    """The 4-node mesh with master and agents; `prepare` sets the nodes up before they start."""
     with Mesh(NODES, workdir) as mesh, LocalMaster(mesh, MASTER) as master:
+        prepare(mesh)
         master.start()
         cluster = Cluster(mesh, agent_args, keys=LocalMaster.keys)
         for node in mesh.nodes:
