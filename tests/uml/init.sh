@@ -31,9 +31,10 @@ mkdir -p "$guest/bin"
 if [[ $kind == qemu ]]; then
     # The root is the host's over 9p, where AF_UNIX sockets (charon's VICI) cannot live.
     mount -t tmpfs -o mode=1777 tmpfs /tmp
-    # A distribution kernel: modules load from /lib/modules the real way, first (and only)
-    # by the `modules` init container's own script, as on a node; the kernel's own
-    # requests go to /sbin/modprobe as usual.
+    # A distribution kernel: modules load from /lib/modules the real way. First what udev
+    # loads at a node's boot for its CPU (AES-NI, ...), then only the `modules` init
+    # container's own script; the kernel's own requests go to /sbin/modprobe as usual.
+    modprobe -a -q "$(</sys/devices/system/cpu/modalias)"
     sh -c "$(<"$UML_GUEST_DIR/modules.sh")" >"$guest/modules.log" 2>&1
     echo $? >"$guest/modules.status"
 else

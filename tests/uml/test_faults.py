@@ -341,11 +341,12 @@ def test_charon_restart(bed: Bed, sig: signal.Signals) -> None:
     restart_charon(node, sig)
     back = time.time()
     wait_encrypted(bed.mesh.nodes)
-    result = seen.finish(
-        f"charon {sig.name} and restart (n2)", charon_back_after=round(back - seen.fault_at, 2)
-    )
+    back_after = round(back - seen.fault_at, 2)
+    result = seen.finish(f"charon {sig.name} and restart (n2)", charon_back_after=back_after)
     assert_no_plaintext(result)
-    assert result.recovery is not None and result.recovery < 10, result
+    # Counted from charon answering VICI again: its own start-up is not the agent's to speed
+    # up (about 1 s in UML, 11 s in the emulated qemu guest).
+    assert result.recovery is not None and result.recovery - back_after < 10, result
 
 
 def test_charon_sigterm_without_the_guard_leaks(tmp_path: Path) -> None:
@@ -392,8 +393,13 @@ def test_swanctl_load_all_with_an_empty_config_is_undone(bed: Bed) -> None:
     empty.write_text("")
     wanted = loaded(node)
     seen = Observation(bed.mesh)
-    node.swanctl("--load-all", "--file", str(empty))
-    emptied = loaded(node)
+    agent = bed.cluster.agents[node.name]
+    agent.send_signal(signal.SIGSTOP)  # what load-all left, before the agent's next pass
+    try:
+        node.swanctl("--load-all", "--file", str(empty))
+        emptied = loaded(node)
+    finally:
+        agent.send_signal(signal.SIGCONT)
     wait_for("the agent to load everything again", lambda: loaded(node) == wanted, timeout=40)
     reloaded = time.time()
     wait_encrypted(bed.mesh.nodes)
