@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import vici
-from mesh import Mesh, Node, swanctl
+from mesh import SLOWDOWN, Mesh, Node, swanctl
 
 from overlay_vici import keyring as kr
 from overlay_vici.files import KEYRING_FILE, publish_secret
@@ -29,6 +29,7 @@ def wait_for(
     what: str, probe: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.5
 ) -> T:
     """Poll until probe() returns something truthy; fail naming what never happened."""
+    timeout *= SLOWDOWN
     deadline = time.monotonic() + timeout
     while True:
         value = probe()

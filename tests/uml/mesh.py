@@ -37,6 +37,10 @@ POLL_INTERVAL = 0.25  # process start-up is slow in the guest: poll sparingly
 PING_INTERVAL = 0.05  # 20 probes per second and pair
 IN_FLIGHT = 5  # probes, 0.25 s: see _ping_stats
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the terminating NUL
+# The emulated qemu guest (TCG, scripts/qemu-guest) runs everything several times slower
+# than UML: timeouts and time bounds stretch by this factor there; what they wait for and
+# what the tests assert (plaintext 0 above all) stays the same.
+SLOWDOWN = 4.0 if os.environ.get("OVERLAY_VICI_GUEST") == "qemu" else 1.0
 # The iptables backend the agents' guards use: they take FELIX_IPTABLESBACKEND, as in a Calico
 # cluster (scripts/qemu-lab runs the suites with nft and with legacy); unset, they pick legacy
 # (the test counters' backend; the UML kernel has no nf_tables).
@@ -63,7 +67,12 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; with check, fail with its stderr in the message."""
     result = subprocess.run(
-        list(cmd), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        list(cmd),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout * SLOWDOWN,
+        check=False,
     )
     if check and result.returncode != 0:
         raise CommandFailed(result.returncode, list(cmd), result.stdout, result.stderr)
@@ -230,7 +239,7 @@ class Node:
 
     def wait_vici(self, timeout: float = 15.0) -> None:
         """Wait until charon accepts connections on its VICI socket."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOWDOWN
         while True:
             if not self.charon_running():
                 raise RuntimeError(f"{self.name}: charon is not running\n{self.charon_log_tail()}")
