@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import vici
-from mesh import Mesh, Node, Pinger, ping_once, swanctl
+from mesh import SLOWDOWN, Mesh, Node, Pinger, ping_once, swanctl
 
 from overlay_vici.agent.render import strongswan_conf
 from overlay_vici.core import keyring as kr
@@ -30,6 +30,7 @@ def wait_for(
     what: str, probe: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.5
 ) -> T:
     """Poll until probe() returns something truthy; fail naming what never happened."""
+    timeout *= SLOWDOWN
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
