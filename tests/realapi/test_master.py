@@ -1,0 +1,286 @@
+"""The master and report-lease as real processes (the `overlay-vici` CLI) against a real API
+server, each authenticated as its own ServiceAccount with a TokenRequest token, so that RBAC
+judges every call they make. The test stands in for kubelet and the agents: it creates the
+Nodes, and writes the agents' status reports that report-lease copies into Leases."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from control_plane import MANIFEST, NS, OVERLAY_VICI, TEST_NODE_LABEL, ControlPlane, until
+
+LEASE_SECONDS = 5
+SECRET = "overlay-vici-keys"
+
+
+@contextmanager
+def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A CLI process, its output in `log`; stopped (SIGTERM) when the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def master(plane: ControlPlane, identity: str) -> list[str]:
+    return [
+        str(OVERLAY_VICI),
+        "master",
+        "--kubeconfig",
+        str(plane.kubeconfig_for("overlay-vici-master")),
+        "--namespace",
+        NS,
+        "--identity",
+        identity,
+        "--lease-duration",
+        str(LEASE_SECONDS),
+        "--tick",
+        "1s",
+        "--metrics-port",
+        "0",
+    ]
+
+
+def node(plane: ControlPlane, name: str, ip: str) -> None:
+    """A Node as kubelet registers it: the InternalIP in its status, set at create."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {TEST_NODE_LABEL: "true"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    }
+    plane.kubectl("create", "-f", "-", stdin=json.dumps(body))
+
+
+def move(plane: ControlPlane, name: str, ip: str) -> None:
+    """An IP change, as kubelet makes it: through the status subresource (an update of the
+    Node itself keeps the old status)."""
+    patch = {"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+    plane.kubectl(
+        "patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
+
+
+def secret_doc(plane: ControlPlane, key: str) -> dict[str, Any] | None:
+    secret = plane.get("-n", NS, "secret", SECRET)
+    if secret is None:
+        return None
+    return json.loads(base64.b64decode(secret["data"][key]))
+
+
+def peers(plane: ControlPlane) -> dict[str, str] | None:
+    keyring = secret_doc(plane, "keyring.json")
+    return {p["name"]: p["ip"] for p in keyring["peers"]} if keyring else None
+
+
+def leader(plane: ControlPlane) -> str | None:
+    lease = plane.get("-n", NS, "lease", "overlay-vici-master")
+    return lease["spec"].get("holderIdentity") if lease else None
+
+
+def test_the_master_publishes_the_secret_and_follows_node_changes(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    node(cluster, "n1", "10.0.0.1")
+    node(cluster, "n2", "10.0.0.2")
+    started = time.monotonic()
+    with process(master(cluster, "a"), tmp_path / "master.log") as proc:
+        until("the first keyring", lambda: peers(cluster) == {"n1": "10.0.0.1", "n2": "10.0.0.2"})
+        print(f"first keyring published {time.monotonic() - started:.2f} s after start")
+        first = secret_doc(cluster, "keyring.json")
+        assert first is not None
+        changes = [
+            (lambda: node(cluster, "n3", "10.0.0.3"), {"n1", "n2", "n3"}),
+            (lambda: move(cluster, "n1", "10.0.0.11"), {"n1", "n2", "n3"}),
+            (lambda: cluster.kubectl("delete", "node", "n2"), {"n1", "n3"}),
+        ]
+        for serial, (change, names) in enumerate(changes, start=first["serial"] + 1):
+            changed = time.monotonic()
+            change()
+            doc = until(
+                f"keyring serial {serial}",
+                lambda s=serial: (
+                    (d := secret_doc(cluster, "keyring.json")) and d["serial"] == s and d
+                ),
+            )
+            print(f"serial {serial} published {time.monotonic() - changed:.2f} s after the change")
+            assert {p["name"] for p in doc["peers"]} == names
+            assert doc["generations"] == first["generations"]  # the same keys
+        assert peers(cluster) == {"n1": "10.0.0.11", "n3": "10.0.0.3"}
+        assert proc.poll() is None, (tmp_path / "master.log").read_text()
+    log = (tmp_path / "master.log").read_text()
+    assert "403" not in log and "Forbidden" not in log, log
+
+
+def test_two_replicas_elect_one_leader_and_the_other_takes_over_when_it_dies(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    node(cluster, "n1", "10.0.0.1")
+    with (
+        process(master(cluster, "a"), tmp_path / "a.log") as a,
+        process(master(cluster, "b"), tmp_path / "b.log") as b,
+    ):
+        first = until("a leader", lambda: leader(cluster))
+        until("the keyring", lambda: peers(cluster))
+        time.sleep(2 * LEASE_SECONDS)  # the follower must not take over a live leader
+        assert leader(cluster) == first
+        survivor = "b" if first == "a" else "a"
+        killed = time.monotonic()
+        ({"a": a, "b": b}[first]).send_signal(signal.SIGKILL)  # a crash: no release
+        until(f"{survivor} to lead", lambda: leader(cluster) == survivor, timeout=4 * LEASE_SECONDS)
+        failover = time.monotonic() - killed
+        print(f"leader failover after SIGKILL: {failover:.2f} s (--lease-duration {LEASE_SECONDS})")
+        assert failover < LEASE_SECONDS + 3
+        # The new leader writes: a node change is published.
+        node(cluster, "n2", "10.0.0.2")
+        until("n2 published by the new leader", lambda: "n2" in (peers(cluster) or {}))
+
+
+def agent_status(keyring: dict[str, Any], node_name: str) -> dict[str, Any]:
+    """What an agent that applied `keyring` reports (its status file)."""
+    return {
+        "node": node_name,
+        "updated": time.time(),
+        "keyring_serial": keyring["serial"],
+        "sent_generation": keyring["sent"],
+        "generations": {
+            str(g["id"]): "sent" if g["id"] == keyring["sent"] else "accepted"
+            for g in keyring["generations"]
+        },
+        "reauthenticated": True,
+        "stale_ike_sas": 0,
+        "stale_peers": [],
+        "peers_up": len(keyring["peers"]) - 1,
+        "peers_expected": len(keyring["peers"]) - 1,
+        "last_error": None,
+    }
+
+
+def reporter(plane: ControlPlane, node_name: str, status: Path, notice: Path) -> list[str]:
+    return [
+        str(OVERLAY_VICI),
+        "report-lease",
+        "--node",
+        node_name,
+        "--status",
+        str(status),
+        "--namespace",
+        NS,
+        "--server",
+        plane.server,
+        "--token-file",
+        str(plane.token("overlay-vici-agent")),
+        "--ca-file",
+        str(plane.pki.ca),
+        "--heartbeat",
+        "5s",
+        "--daemonset",
+        "overlay-vici-agent",
+        "--removal-notice",
+        str(notice),
+    ]
+
+
+def acked_serial(plane: ControlPlane, node_name: str) -> int | None:
+    lease = plane.get("-n", NS, "lease", f"overlay-vici-agent-{node_name}")
+    if lease is None:
+        return None
+    return json.loads(lease["metadata"]["annotations"]["overlay-vici.io/status"])["keyring_serial"]
+
+
+def test_report_lease_acknowledges_and_the_master_rotates_on_it_with_events(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    node(cluster, "n1", "10.0.0.1")
+    status, notice = tmp_path / "status.json", tmp_path / "removed.json"
+    with (
+        process(master(cluster, "a"), tmp_path / "master.log"),
+        process(reporter(cluster, "n1", status, notice), tmp_path / "lease.log"),
+    ):
+        keyring = until("the keyring", lambda: secret_doc(cluster, "keyring.json"))
+        status.write_text(json.dumps(agent_status(keyring, "n1")))
+        until("n1's ack", lambda: acked_serial(cluster, "n1") == keyring["serial"])
+        subprocess.run(
+            [str(OVERLAY_VICI), "rotate", "--kubeconfig", str(cluster.admin), "--namespace", NS],
+            check=True,
+            timeout=60,
+        )
+        # Each phase waits for n1's ack of the keyring that began the one before.
+        delays = []
+        for phase in ("stage", "switch", "retire"):
+            serial = keyring["serial"]
+            keyring = until(
+                f"phase {phase}",
+                lambda s=serial: (
+                    (d := secret_doc(cluster, "keyring.json")) and d["serial"] > s and d
+                ),
+            )
+            published = time.monotonic()
+            status.write_text(json.dumps(agent_status(keyring, "n1")))
+            until(
+                f"n1's ack of {keyring['serial']}",
+                lambda s=keyring["serial"]: acked_serial(cluster, "n1") == s,
+            )
+            delays.append(time.monotonic() - published)
+        print("Secret publish to Lease ack: " + ", ".join(f"{d:.2f} s" for d in delays))
+        until(
+            "the rotation's end",
+            lambda: (
+                (d := secret_doc(cluster, "master.json"))
+                and d["phase"] == "idle"
+                and d["rotation"] == 1
+            ),
+        )
+        assert len(keyring["generations"]) == 1
+        events = cluster.get("-n", NS, "events")
+        assert events is not None
+        on_secret = [e for e in events["items"] if e["involvedObject"]["name"] == SECRET]
+        reasons = [e["reason"] for e in on_secret]
+        assert len(reasons) >= 3, reasons
+        printed = cluster.kubectl("-n", NS, "get", "events").stdout
+        assert reasons[0] in printed
+
+
+def test_deleting_the_daemonset_writes_the_removal_notice(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    status, notice = tmp_path / "status.json", tmp_path / "removed.json"
+    status.write_text(
+        json.dumps(agent_status({"serial": 1, "sent": 1, "generations": [], "peers": []}, "n1"))
+    )
+    try:
+        with process(reporter(cluster, "n1", status, notice), tmp_path / "lease.log") as proc:
+            until("the Lease", lambda: acked_serial(cluster, "n1") == 1)
+            assert not notice.exists()
+            # An update of the DaemonSet is not a removal.
+            cluster.kubectl(
+                "-n", NS, "annotate", "daemonset", "overlay-vici-agent", "test/touched=1"
+            )
+            time.sleep(1)
+            assert not notice.exists()
+            deleted = time.monotonic()
+            cluster.kubectl("-n", NS, "delete", "daemonset", "overlay-vici-agent")
+            until("the removal notice", notice.exists, timeout=10)
+            print(f"removal notice {time.monotonic() - deleted:.2f} s after kubectl delete")
+            assert json.loads(notice.read_text())["at"] > 0
+            assert proc.poll() is None or proc.returncode == 0
+    finally:
+        cluster.kubectl(
+            "apply", "--server-side", "--field-manager=overlay-vici-test", "-f", str(MANIFEST)
+        )
