@@ -154,8 +154,22 @@ class Daemon:
     """One control-plane process, its output in a log file."""
 
     name: str
-    process: subprocess.Popen[bytes]
-    log: Path
+    argv: list[str]
+    workdir: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start()
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir
+            )
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -168,13 +182,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def start(name: str, argv: list[str], workdir: Path) -> Daemon:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    return Daemon(name, process, log)
 
 
 @dataclass
@@ -229,6 +236,26 @@ class ControlPlane:
             if daemon.process.poll() is not None:
                 pytest.fail(f"{daemon.name} exited ({daemon.process.returncode}):\n{daemon.tail()}")
 
+    def wait_ready(self) -> float:
+        """Seconds until /readyz answers 200; fail with the API server's log after a while."""
+        started = time.monotonic()
+        while not _ready(self.server, self.pki):
+            self.alive()
+            if time.monotonic() > started + START_TIMEOUT:
+                pytest.fail(
+                    f"kube-apiserver not ready in {START_TIMEOUT:.0f} s:\n{self.daemons[-1].tail()}"
+                )
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver and start it again on the same etcd: every watch breaks, and
+        its new watch cache holds no history from before."""
+        apiserver = self.daemons[-1]
+        apiserver.stop()
+        apiserver.start()
+        self.wait_ready()
+
 
 def _kubeconfig(server: str, ca: Path, user: dict[str, str]) -> dict[str, Any]:
     return {
@@ -282,7 +309,7 @@ def running(binaries: Path, workdir: Path) -> Iterator[ControlPlane]:
     """etcd and kube-apiserver from `binaries`, their files in `workdir`, until the block ends."""
     pki = Pki(workdir)
     client, peer, secure = free_port(), free_port(), free_port()
-    etcd = start(
+    etcd = Daemon(
         "etcd",
         [
             str(binaries / "etcd"),
@@ -298,7 +325,7 @@ def running(binaries: Path, workdir: Path) -> Iterator[ControlPlane]:
         ],
         workdir,
     )
-    apiserver = start(
+    apiserver = Daemon(
         "kube-apiserver",
         [
             str(binaries / "kube-apiserver"),
@@ -335,16 +362,7 @@ def running(binaries: Path, workdir: Path) -> Iterator[ControlPlane]:
     )
     plane = ControlPlane(server, pki, admin, workdir, [etcd, apiserver])
     try:
-        started = time.monotonic()
-        deadline = started + START_TIMEOUT
-        while not _ready(server, pki):
-            plane.alive()
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"kube-apiserver not ready in {START_TIMEOUT:.0f} s:\n{apiserver.tail()}"
-                )
-            time.sleep(0.5)
-        print(f"control plane ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(f"control plane ready in {plane.wait_ready():.1f} s", file=sys.stderr)
         yield plane
     finally:
         for daemon in reversed(plane.daemons):

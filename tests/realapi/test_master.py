@@ -9,13 +9,23 @@ import base64
 import json
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from control_plane import MANIFEST, NS, OVERLAY_VICI, TEST_NODE_LABEL, ControlPlane, until
+from control_plane import (
+    MANIFEST,
+    NS,
+    OVERLAY_VICI,
+    TEST_NODE_LABEL,
+    ControlPlane,
+    free_port,
+    until,
+)
 
 LEASE_SECONDS = 5
 SECRET = "overlay-vici-keys"
@@ -38,7 +48,7 @@ def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait()
 
 
-def master(plane: ControlPlane, identity: str) -> list[str]:
+def master(plane: ControlPlane, identity: str, metrics_port: int = 0) -> list[str]:
     return [
         str(OVERLAY_VICI),
         "master",
@@ -53,7 +63,7 @@ def master(plane: ControlPlane, identity: str) -> list[str]:
         "--tick",
         "1s",
         "--metrics-port",
-        "0",
+        str(metrics_port),
     ]
 
 
@@ -126,6 +136,73 @@ def test_the_master_publishes_the_secret_and_follows_node_changes(
         assert proc.poll() is None, (tmp_path / "master.log").read_text()
     log = (tmp_path / "master.log").read_text()
     assert "403" not in log and "Forbidden" not in log, log
+
+
+def test_the_master_relists_after_its_watch_breaks_and_comes_back_410(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """A restarted API server breaks the watch, and its new watch cache holds nothing older
+    than itself, while the leader Lease's renewals moved etcd's revision on: resuming from
+    the old resourceVersion is answered 410 Gone, and the master lists again."""
+    node(cluster, "n1", "10.0.0.1")
+    log = tmp_path / "master.log"
+    with process(master(cluster, "a"), log) as proc:
+        until("the first keyring", lambda: peers(cluster))
+        time.sleep(LEASE_SECONDS)  # a few Lease renewals after the master's list
+        cluster.restart_apiserver()
+        node(cluster, "n2", "10.0.0.2")
+        until("n2 published", lambda: "n2" in (peers(cluster) or {}), timeout=60)
+        assert proc.poll() is None, log.read_text()
+    assert "node watch expired, listing again" in log.read_text(), log.read_text()
+
+
+def conflicts(port: int) -> float:
+    """The master's count of 409s on its Secret, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if 'api_conflicts_total{resource="secret"}' in line:
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_concurrent_writer_gets_409s_to_the_master_and_is_never_overwritten(
+    cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """Another writer annotates the Secret as fast as it can while Nodes join: some of the
+    master's replaces meet a 409, it reads again, and what the other wrote survives."""
+    from kubernetes import client, config
+
+    core = client.CoreV1Api(config.new_client_from_config(str(cluster.admin)))
+    node(cluster, "n1", "10.0.0.1")
+    port = free_port()
+    stop, written = threading.Event(), [0]
+
+    def other_writer() -> None:
+        while not stop.is_set():
+            written[0] += 1
+            patch = {"metadata": {"annotations": {"test/other-writer": str(written[0])}}}
+            core.patch_namespaced_secret(SECRET, NS, patch)
+
+    with process(master(cluster, "a", port), tmp_path / "master.log") as proc:
+        until("the first keyring", lambda: peers(cluster))
+        writer = threading.Thread(target=other_writer)
+        writer.start()
+        try:
+            for i in range(2, 12):
+                node(cluster, f"n{i}", f"10.0.0.{i}")
+                until(f"n{i} published", lambda i=i: f"n{i}" in (peers(cluster) or {}))
+                if conflicts(port) > 0:
+                    break
+        finally:
+            stop.set()
+            writer.join(10)
+        assert conflicts(port) > 0, "no 409 in 10 joins: the race was never hit"
+        time.sleep(2)
+        secret = cluster.get("-n", NS, "secret", SECRET)
+        assert secret is not None
+        assert secret["metadata"]["annotations"]["test/other-writer"] == str(written[0])
+        assert len(peers(cluster) or {}) == i
+        assert proc.poll() is None
 
 
 def test_two_replicas_elect_one_leader_and_the_other_takes_over_when_it_dies(
