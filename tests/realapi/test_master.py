@@ -354,7 +354,13 @@ def test_deleting_the_daemonset_writes_the_removal_notice(
             assert not notice.exists()
             # An update of the DaemonSet is not a removal.
             cluster.kubectl(
-                "-n", NS, "annotate", "daemonset", "overlay-vici-agent", "test/touched=1"
+                "-n",
+                NS,
+                "annotate",
+                "--overwrite",
+                "daemonset",
+                "overlay-vici-agent",
+                "test/touched=1",
             )
             time.sleep(1)
             assert not notice.exists()
