@@ -21,6 +21,7 @@ from overlay_vici.core.contract import (
     lease_name,
     leased,
 )
+from overlay_vici.master.rotation import completed
 
 
 def test_the_agent_writes_exactly_the_contracts_report(tmp_path: Path) -> None:
@@ -48,7 +49,9 @@ def test_the_master_reads_the_leased_report() -> None:
     assert AgentReport.from_status({"node": "n1", "updated": True}) is None
 
 
-@pytest.mark.parametrize("name", ["n1", "node-7", "a" * 253])
+@pytest.mark.parametrize(
+    "name", ["n1", "node-7", "ip-10-0-0-7.ec2.internal", "a" * 253]
+)
 def test_connection_names_map_back_to_node_names(name: str) -> None:
     assert is_node_name(name)
     assert conn_peer(conn_name(name)) == name
@@ -62,3 +65,14 @@ def test_what_is_not_a_node_name(name: object) -> None:
 def test_lease_names_are_valid_object_names() -> None:
     assert lease_name("n1") == "overlay-vici-agent-n1"
     assert len(lease_name("a" * 253)) <= 253
+
+
+def test_a_stale_sa_towards_a_live_dotted_peer_holds_the_switch_back() -> None:
+    """Node names with dots (cloud providers' ip-10-0-0-7.ec2.internal) come back from the
+    connection names the agent reports, so the master sees the live peer it waits for."""
+    doc = {"node": "n1.zone", "updated": 1.0, "keyring_serial": 3, "sent_generation": 2,
+           "stale_peers": [conn_name("n2.zone")]}  # fmt: skip
+    report = AgentReport.from_status(doc)
+    assert report is not None
+    assert not completed(report, "switch", 3, sent=2, live={"n1.zone", "n2.zone"})
+    assert completed(report, "switch", 3, sent=2, live={"n1.zone"})

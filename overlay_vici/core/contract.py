@@ -47,8 +47,8 @@ def conn_name(peer_name: str) -> str:
 
 
 def conn_peer(conn: str) -> str:
-    """The peer a reported connection name stands for, as the master has always read it."""
-    return conn.removeprefix(CONN_PREFIX)
+    """The peer a reported connection name stands for: conn_name undone, dots included."""
+    return conn.removeprefix(CONN_PREFIX).replace("_", ".")
 
 
 # --- The agent's report (agent -> report-lease -> master) ---
