@@ -76,3 +76,13 @@ def test_a_stale_sa_towards_a_live_dotted_peer_holds_the_switch_back() -> None:
     assert report is not None
     assert not completed(report, "switch", 3, sent=2, live={"n1.zone", "n2.zone"})
     assert completed(report, "switch", 3, sent=2, live={"n1.zone"})
+
+
+def test_the_master_reads_the_same_report_from_a_lease_as_from_the_file() -> None:
+    """Every field the master reads crosses the Lease: in Kubernetes mode `status` and the
+    switch's bookkeeping see what the agent wrote, not a blank (encryption was missing)."""
+    status = {"node": "n1", "updated": 7.5, "keyring_serial": 3, "sent_generation": 2,
+              "generations": {"2": "sent"}, "encryption": "on", "reauthenticated": True,
+              "stale_ike_sas": 1, "stale_peers": [conn_name("n2")], "peers_up": 1,
+              "peers_expected": 2, "last_error": "x"}  # fmt: skip
+    assert AgentReport.from_status(leased(status, "n1")) == AgentReport.from_status(status)

@@ -84,6 +84,7 @@ LEASED = (
     "sent_generation",
     "sent_since",
     "generations",
+    "encryption",
     "peers_expected",
     "peers_up",
     "ike_sas",
