@@ -264,3 +264,33 @@ def test_strongswan_conf_log_file_is_optional() -> None:
     (logger,) = charon["filelog"].values()
     assert logger["path"] == "/var/log/charon.log"
     assert logger["default"] == "1"
+
+
+def test_a_keyring_change_derives_only_the_new_pairs_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PSK cache: one added peer costs its own HKDFs only, a new generation its own, and
+    the keys rendered are exactly the derived ones (a stale cache entry would break IKE)."""
+    from overlay_vici.agent import render
+
+    derived: list[tuple[int, str]] = []
+
+    def counting(gen: Any, ip_a: str, ip_b: str) -> bytes:
+        derived.append((gen.id, ip_b))
+        return pair_psk(gen, ip_a, ip_b)
+
+    monkeypatch.setattr(render, "pair_psk", counting)
+    render._psk_cache.clear()
+    swanctl_conf(build_keyring(5, generations=(1, 2)), "node-0", Settings())
+    assert len(derived) == 8  # 4 peers x 2 generations
+    derived.clear()
+    swanctl_conf(build_keyring(6, generations=(1, 2)), "node-0", Settings())
+    assert derived == [(1, node_ip(5)), (2, node_ip(5))]
+    derived.clear()
+    keyring = build_keyring(6, generations=(2, 3), sent=3)
+    text = swanctl_conf(keyring, "node-0", Settings())
+    assert sorted(derived) == [(3, node_ip(i)) for i in range(1, 6)]
+    assert {key[0] for key in render._psk_cache} == {2, 3}  # generation 1 is gone
+    node = keyring.peers[0]
+    for peer in keyring.peers[1:]:
+        for gen in keyring.generations:
+            message = to_messages(text).shared[secret_id(peer.name, gen.id)]
+            assert message["data"] == pair_psk(gen, node.ip, peer.ip)

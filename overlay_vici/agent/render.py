@@ -18,7 +18,7 @@ import jinja2
 
 from overlay_vici.agent.sa_plan import lower_ip_leads
 from overlay_vici.core.contract import CONN_PREFIX, conn_name
-from overlay_vici.core.keyring import Keyring, Peer, pair_psk
+from overlay_vici.core.keyring import Generation, Keyring, Peer, pair_psk
 from overlay_vici.core.options import seconds
 
 
@@ -113,6 +113,31 @@ def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
     return [node.ip, peer.ip] if sent else [peer.ip]
 
 
+# The per-pair PSKs of the last render, by (generation id, generation key, node ip, peer ip):
+# a keyring change re-derives only the keys of new peers or generations (HKDF was 18 % of a
+# one-peer change at N=1000, BENCHMARKS.md). Replaced by what each render used, so that it
+# never holds a retired generation's keys for longer than one render.
+_psk_cache: dict[tuple[int, bytes, str, str], str] = {}
+
+
+def _cached_psks(
+    keyring: Keyring, node: Peer, peers: list[Peer]
+) -> dict[tuple[int, bytes, str, str], str]:
+    """Every (generation, peer) PSK this render needs, in hex; derived only when new."""
+    used = {}
+    for peer in peers:
+        for gen in keyring.generations:
+            key = (gen.id, gen.key, node.ip, peer.ip)
+            used[key] = _psk_cache.get(key) or _derive(gen, node, peer)
+    _psk_cache.clear()
+    _psk_cache.update(used)
+    return used
+
+
+def _derive(gen: Generation, node: Peer, peer: Peer) -> str:
+    return pair_psk(gen, node.ip, peer.ip).hex()
+
+
 @lru_cache(maxsize=8)
 def _environment(override_dir: Path | None) -> jinja2.Environment:
     """Cached: compiling the templates costs more than rendering them."""
@@ -147,6 +172,8 @@ def swanctl_conf(
     `enforce` False: connections that answer the peers but trap nothing (the switch's
     prepare step), so that no policy exists until the switch."""
     node = local_node(keyring, node_name)
+    others = [peer for peer in keyring.peers if peer.name != node.name]
+    psks = _cached_psks(keyring, node, others)
     peers = [
         {
             "name": peer.name,
@@ -157,13 +184,12 @@ def swanctl_conf(
                 {
                     "id": secret_id(peer.name, gen.id),
                     "owners": owners(node, peer, gen.id == keyring.sent),
-                    "hex": pair_psk(gen, node.ip, peer.ip).hex(),
+                    "hex": psks[(gen.id, gen.key, node.ip, peer.ip)],
                 }
                 for gen in keyring.generations
             ],
         }
-        for peer in keyring.peers
-        if peer.name != node.name
+        for peer in others
     ]
     template = _environment(templates).get_template("swanctl.conf.j2")
     return template.render(
