@@ -30,6 +30,8 @@ guest=/run/uml-guest
 mkdir -p "$guest/bin"
 if [[ $kind == qemu ]]; then
     # The root is the host's over 9p, where AF_UNIX sockets (charon's VICI) cannot live.
+    # The host's /tmp stays reachable below /run: a checkout there is bound back below.
+    mkdir -p /run/host-tmp && mount --bind /tmp /run/host-tmp
     mount -t tmpfs -o mode=1777 tmpfs /tmp
     # A distribution kernel: modules load from /lib/modules the real way. First what udev
     # loads at a node's boot for its CPU (AES-NI, ...), then only the `modules` init
@@ -72,6 +74,12 @@ source "$job/job"
 export PATH="$guest/bin:$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export OVERLAY_VICI_UML=1
 export OVERLAY_VICI_GUEST=$kind
+if [[ $kind == qemu && $workdir == /tmp/* ]]; then
+    # A checkout below /tmp (a CI clone, say) is hidden by the guest's own /tmp.
+    mkdir -p "$workdir"
+    mount --bind "/run/host-tmp/${workdir#/tmp/}" "$workdir" ||
+        fail "cannot bind the host's $workdir into the guest"
+fi
 cd "$workdir" || fail "cannot cd to $workdir"
 "${command[@]}"
 echo $? >"$job/status"
