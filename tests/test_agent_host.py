@@ -30,7 +30,7 @@ from keyring_fixtures import build_keyring, node_ip
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
 from overlay_vici.agent.render import Settings, conn_name, secret_id
-from overlay_vici.agent.sa_plan import INITIATE_GRACE
+from overlay_vici.agent.sa_plan import INITIATE_BATCH, INITIATE_GRACE
 from overlay_vici.core.contract import KEYRING_FILE
 from overlay_vici.core.files import publish_secret, write_json
 from overlay_vici.core.keyring import Encryption, Keyring, Peer, dumps
@@ -168,8 +168,8 @@ def test_first_step_loads_exactly_the_keyring(harness: Harness, charon: CharonPr
         *QUERIES,
         *["load-shared"] * 6,
         *["load-conn"] * 3,
-        *["initiate"] * 3,
         "list-sas",
+        *["initiate"] * 3,
     ]
     status = harness.status_doc()
     assert status["last_error"] is None and status["keyring_serial"] == 1
@@ -200,7 +200,8 @@ def test_second_step_in_sync_sends_nothing(harness: Harness) -> None:
 
 def _add_one_peer_cost(harness: Harness, peers: int) -> tuple[int, list[str]]:
     harness.publish(build_keyring(peers, serial=peers))
-    harness.step()
+    while "initiate" in harness.step():  # the initiations go a batch a step
+        pass
     harness.publish(build_keyring(peers + 1, serial=peers + 1))
     before = harness.charon.messages
     commands = harness.step()
@@ -215,8 +216,25 @@ def test_adding_a_peer_costs_constant_messages(harness: Harness, charon: CharonP
     assert charon.state() == expected(build_keyring(201))
     assert small == large == len(small_commands) == len(QUERIES) + 5
     assert small_commands == large_commands == [
-        *QUERIES, "load-shared", "load-shared", "load-conn", "initiate", "list-sas",
+        *QUERIES, "load-shared", "load-shared", "load-conn", "list-sas", "initiate",
     ]  # fmt: skip
+    assert harness.agent.last_error is None
+
+
+def test_a_lowest_ip_node_initiates_a_batch_a_step(harness: Harness) -> None:
+    """150 peers to initiate: 64, 64 and 22 over three steps that follow at once, each
+    with the status written, never one step holding charon for all of them."""
+    harness.publish(build_keyring(151))
+    batches, waits = [], []
+    for _ in range(4):
+        before = len(harness.charon.log)
+        waits.append(harness.agent.step())
+        batches.append([c for c, _ in harness.charon.log[before:]].count("initiate"))
+    assert batches == [INITIATE_BATCH, INITIATE_BATCH, 150 - 2 * INITIATE_BATCH, 0]
+    assert waits[:2] == [0.0, 0.0] and waits[3] > 0
+    assert {m["ike"] for c, m in harness.charon.log if c == "initiate"} == {
+        conn_name(f"node-{i}") for i in range(1, 151)
+    }
     assert harness.agent.last_error is None
 
 

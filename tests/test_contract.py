@@ -49,9 +49,7 @@ def test_the_master_reads_the_leased_report() -> None:
     assert AgentReport.from_status({"node": "n1", "updated": True}) is None
 
 
-@pytest.mark.parametrize(
-    "name", ["n1", "node-7", "ip-10-0-0-7.ec2.internal", "a" * 253]
-)
+@pytest.mark.parametrize("name", ["n1", "node-7", "ip-10-0-0-7.ec2.internal", "a" * 253])
 def test_connection_names_map_back_to_node_names(name: str) -> None:
     assert is_node_name(name)
     assert conn_peer(conn_name(name)) == name

@@ -7,6 +7,7 @@ from ipaddress import ip_address
 import pytest
 
 from overlay_vici.agent.sa_plan import (
+    INITIATE_BATCH,
     REAUTH_AFTER,
     REAUTH_POLL,
     REAUTH_RETRY,
@@ -151,6 +152,17 @@ def test_pending_initiation_waits_then_initiates_unless_an_ike_sa_exists() -> No
     connecting = IkeSa("3", "ov-high", "CONNECTING", None, (), False)
     late = plan_sas([connecting], SWITCH + 2, 0.0, ME, PEERS, {}, TIMING, due)
     assert late.initiate == ["ov-low"] and late.settled == ["ov-high"]
+
+
+def test_initiations_are_paced_earliest_first_and_the_next_pass_comes_at_once() -> None:
+    """A lowest-IP node's hundreds of initiations go a batch a pass, not in one burst."""
+    due = {f"ov-n{i:04}": SWITCH - i for i in range(INITIATE_BATCH + 10)}
+    first = plan_sas([], SWITCH, 0.0, ME, PEERS, {}, TIMING, due)
+    assert len(first.initiate) == INITIATE_BATCH and first.wait == 0.0
+    assert first.initiate[0] == f"ov-n{INITIATE_BATCH + 9:04}"  # the longest due
+    rest = {conn: when for conn, when in due.items() if conn not in first.initiate}
+    second = plan_sas([], SWITCH, 0.0, ME, PEERS, {}, TIMING, rest)
+    assert sorted(second.initiate) == sorted(rest) and second.wait == TIMING.resync
 
 
 def test_sas_on_an_old_address_are_closed_from_either_end() -> None:

@@ -302,8 +302,8 @@ class Agent:
         log.info("encryption mode", node=self.config.node, mode=desired.mode, was=self.mode)
         if self.mode == "prepare" and desired.mode == "on":
             present = {sa.conn for sa in self.upkeep.sas}
-            for conn in sorted(desired.target.initiated - present):
-                self.upkeep.initiate(conn)
+            now = time.time()
+            self.upkeep.initiate_soon((conn, now) for conn in desired.target.initiated - present)
         self.mode = desired.mode
 
     def _send(self, command: Command) -> bool:

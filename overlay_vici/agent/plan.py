@@ -34,7 +34,8 @@ class Desired:
 
     messages: Messages
     digests: dict[str, str]
-    initiated: frozenset[str]  # connections to bring up as soon as they are loaded
+    # Connections to bring up as soon as they are loaded (upkeep.SaUpkeep paces them).
+    initiated: frozenset[str]
     # Unload connections but leave their SAs to the caller (the switch off: see agent).
     keep_sas: bool = False
 
@@ -82,13 +83,6 @@ def plan(
         )
         for subject, message in messages.items()
         if subject not in loaded or sent.get(subject) != desired.digests[subject]
-    ]
-    commands += [
-        Command(
-            "initiate", initiate_message(name, child_name(name, message)), name, must_succeed=False
-        )
-        for name, message in desired.messages.conns.items()
-        if name in desired.initiated and name not in loaded_conns
     ]
     for name in sorted(loaded_conns):
         if is_owned_conn(name) and name not in desired.messages.conns:

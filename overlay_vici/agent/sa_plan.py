@@ -29,6 +29,11 @@ PEER_SLACK = 5.0
 # its own initiation (INITIAL_CONTACT) replaces, whichever end has the lower IP. (A charon
 # that restarted under a running agent gets no grace: see Agent._schedule_initiations.)
 INITIATE_GRACE = 2.0
+# At most this many initiations per pass, the next pass at once: charon builds each
+# IKE_SA_INIT before it answers `initiate`, and the cost grows with the IKE_SAs it holds
+# (about 1 ms each at 1,000), so a lowest-IP node's 999 in one pass would block the agent
+# for seconds, with no status and no look at the Secret meanwhile (BENCHMARKS.md).
+INITIATE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ def plan_sas(
 
     Duplicates from simultaneous initiation are dropped by the lower-IP end, which keeps the
     one it initiated. A connection in `initiate_due` (name: when) is initiated once due if
-    it still has no IKE_SA in any state.
+    it still has no IKE_SA in any state, the earliest due first, INITIATE_BATCH a pass.
 
     `stale_ids`, the IKE_SAs charon held right after the new sent key was loaded, are
     exactly the stale ones when known. `established_ago` counts whole seconds, so without
@@ -115,13 +120,15 @@ def plan_sas(
     result.moved = [sa for sa in sas if _moved(sa, own_ip, peer_ips.get(sa.conn))]
     sas = [sa for sa in sas if sa not in result.moved]
     present = {sa.conn for sa in sas}
-    for conn, due in (initiate_due or {}).items():
+    for conn, due in sorted((initiate_due or {}).items(), key=lambda item: (item[1], item[0])):
         if conn in present:
             result.settled.append(conn)
-        elif now >= due:
+        elif now < due:
+            result.wait = min(result.wait, due - now)
+        elif len(result.initiate) < INITIATE_BATCH:
             result.initiate.append(conn)
         else:
-            result.wait = min(result.wait, due - now)
+            result.wait = 0.0  # more are due: the next pass takes them
     established = [sa for sa in sas if sa.state == "ESTABLISHED" and sa.established_ago is not None]
     by_conn: dict[str, list[IkeSa]] = {}
     for sa in established:

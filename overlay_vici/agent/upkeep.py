@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
@@ -100,20 +100,29 @@ class SaUpkeep:
     def schedule_initiations(
         self, initiated: frozenset[str], loaded_conns: set[str], reconnected: bool
     ) -> None:
-        """Connections this charon did not hold that the other end would initiate: initiate
-        them too, a grace period on, if no IKE_SA came up by then.
+        """Connections this charon did not hold: those this end leads (`initiated`) are due
+        at once; those the other end would initiate are initiated too, a grace period on, if
+        no IKE_SA came up by then. `maintain` initiates what is due, a batch a pass.
 
         A charon met for the first time (a node joining, a new pod) gets INITIATE_GRACE, so
         that the lower-IP end's initiation usually comes alone. A charon that restarted under
         this agent gets none: its lower-IP peers lost their IKE_SAs with it (on SIGTERM it
         deleted them) and their initiations during its downtime went unanswered; charon
         retransmits only after 4 s, and the pair would be down until then."""
-        due = time.time() + (0.0 if reconnected else INITIATE_GRACE)
-        for name in self.conns:
-            if name not in loaded_conns and name not in initiated:
-                self._initiate_due[name] = min(self._initiate_due.get(name, due), due)
+        now = time.time()
+        grace = now + (0.0 if reconnected else INITIATE_GRACE)
+        self.initiate_soon(
+            (name, now if name in initiated else grace)
+            for name in self.conns
+            if name not in loaded_conns
+        )
         for name in [name for name in self._initiate_due if name not in self.conns]:
             del self._initiate_due[name]
+
+    def initiate_soon(self, due: Iterable[tuple[str, float]]) -> None:
+        """Initiate these connections (name, when) unless an IKE_SA exists by then."""
+        for name, when in due:
+            self._initiate_due[name] = min(self._initiate_due.get(name, when), when)
 
     def maintain(self, applied: bool) -> float:
         """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
@@ -139,7 +148,7 @@ class SaUpkeep:
             self._initiate_due.pop(conn, None)
         for conn in decided.initiate:
             self._initiate_due.pop(conn, None)
-            self.initiate(conn)
+        self._initiate(decided.initiate, len(self._initiate_due))
         self.stale = decided.stale
         for sa in decided.reauthenticate:
             self._reauth_issued[sa.unique_id] = now
@@ -170,16 +179,20 @@ class SaUpkeep:
             self._act(self._terminate_now, "closing IKE_SA, encryption is off", sa)
         return self.resync
 
-    def initiate(self, conn: str) -> None:
-        child = child_name(conn, self.conns.get(conn))
-        if not child:
-            return
-        try:
-            self.charon.initiate(conn, child)
-        except CharonCommandError as exc:
-            log.info("initiate refused", node=self.node, peer=conn, error=str(exc))
-            return
-        log.info("initiating, no IKE_SA came up", node=self.node, peer=conn)
+    def _initiate(self, conns: list[str], pending: int) -> None:
+        """Bring up connections that have no IKE_SA; one log line a batch."""
+        started = 0
+        for conn in conns:
+            child = child_name(conn, self.conns.get(conn))
+            if not child:
+                continue
+            try:
+                self.charon.initiate(conn, child)
+                started += 1
+            except CharonCommandError as exc:
+                log.info("initiate refused", node=self.node, peer=conn, error=str(exc))
+        if started:
+            log.info("initiating", node=self.node, peers=started, still_due=pending)
 
     def _owned_sas(self) -> list[IkeSa]:
         return [sa for sa in self.charon.ike_sas() if is_owned_conn(sa.conn)]
