@@ -83,8 +83,13 @@ AGENT_FUNCTIONS = {
     "plan": "plan",
 }
 # Charon methods the agent queries with, and the label of each.
-CHARON_QUERIES = {"loaded_conns": "queries", "loaded_shared": "queries", "ike_sas": "list-sas"}
-QUERY_COMMANDS = ("get-conns", "get-shared", "list-sas")  # what those send: timed by them
+CHARON_QUERIES = {
+    "loaded_conns": "queries",
+    "loaded_shared": "queries",
+    "ike_sa_count": "queries",
+    "ike_sas": "list-sas",
+}
+QUERY_COMMANDS = ("get-conns", "get-shared", "stats", "list-sas")  # timed by those wrappers
 SPLIT_ORDER = (
     "read keyring",
     "validate",
@@ -283,7 +288,7 @@ class Split:
         return timed
 
     def wrap_vici(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Charon.request / Charon._streamed: count every VICI command the agent sends, on
+        """Charon._call: count every VICI command the agent sends, on
         whichever path; time the commands that no query wrapper already times."""
 
         def counted(command: str, *args: Any, **kwargs: Any) -> Any:
@@ -314,9 +319,8 @@ def instrumented(agent: Agent) -> Iterator[Split]:
         stack.enter_context(mock.patch.object(Desired, "of", wrapped))
         wrapped = split.wrap("hkdf", render_module.pair_psk)
         stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
-        for name in ("request", "_streamed"):
-            wrapped = split.wrap_vici(getattr(agent.charon, name))
-            stack.enter_context(mock.patch.object(agent.charon, name, wrapped))
+        wrapped = split.wrap_vici(agent.charon._call)
+        stack.enter_context(mock.patch.object(agent.charon, "_call", wrapped))
         for name, label in CHARON_QUERIES.items():
             wrapped = split.wrap(label, getattr(agent.charon, name))
             stack.enter_context(mock.patch.object(agent.charon, name, wrapped))

@@ -30,7 +30,7 @@ from keyring_fixtures import build_keyring, node_ip
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
 from overlay_vici.agent.render import Settings, conn_name, secret_id
-from overlay_vici.agent.sa_plan import INITIATE_BATCH, INITIATE_GRACE
+from overlay_vici.agent.sa_plan import INITIATE_BATCH, INITIATE_GRACE, IkeSa
 from overlay_vici.core.contract import KEYRING_FILE
 from overlay_vici.core.files import publish_secret, write_json
 from overlay_vici.core.keyring import Encryption, Keyring, Peer, dumps
@@ -66,11 +66,9 @@ class RecordingCharon(Charon):
         self.log.append((command, message))
         return super().request(command, message)
 
-    def _streamed(
-        self, command: str, event: str, message: dict[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        self.log.append((command, message))
-        return super()._streamed(command, event, message)
+    def ike_sas(self) -> list[IkeSa]:
+        self.log.append(("list-sas", None))
+        return super().ike_sas()
 
 
 @dataclass
@@ -126,6 +124,7 @@ def assert_one_sentence(message: str | None) -> None:
 
 
 QUERIES = ["get-conns", "get-shared"]
+LIST = ["stats", "list-sas"]  # what the upkeep asks before it plans (upkeep.SaUpkeep._list)
 
 
 # --- steady state -------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def test_first_step_loads_exactly_the_keyring(harness: Harness, charon: CharonPr
         *QUERIES,
         *["load-shared"] * 6,
         *["load-conn"] * 3,
-        "list-sas",
+        *LIST,
         *["initiate"] * 3,
     ]
     status = harness.status_doc()
@@ -195,7 +194,7 @@ def test_second_step_in_sync_sends_nothing(harness: Harness) -> None:
     """Nothing changed: only the three queries and list-sas, no load or unload."""
     harness.publish(build_keyring(5))
     harness.step()
-    assert harness.step() == [*QUERIES, "list-sas"]
+    assert harness.step() == [*QUERIES, *LIST]
 
 
 def _add_one_peer_cost(harness: Harness, peers: int) -> tuple[int, list[str]]:
@@ -214,9 +213,9 @@ def test_adding_a_peer_costs_constant_messages(harness: Harness, charon: CharonP
     assert charon.state() == expected(build_keyring(11))
     large, large_commands = _add_one_peer_cost(harness, 200)
     assert charon.state() == expected(build_keyring(201))
-    assert small == large == len(small_commands) == len(QUERIES) + 5
+    assert small == large == len(small_commands) == len(QUERIES) + len(LIST) + 4
     assert small_commands == large_commands == [
-        *QUERIES, "load-shared", "load-shared", "load-conn", "list-sas", "initiate",
+        *QUERIES, "load-shared", "load-shared", "load-conn", *LIST, "initiate",
     ]  # fmt: skip
     assert harness.agent.last_error is None
 
@@ -236,6 +235,26 @@ def test_a_lowest_ip_node_initiates_a_batch_a_step(harness: Harness) -> None:
         conn_name(f"node-{i}") for i in range(1, 151)
     }
     assert harness.agent.last_error is None
+
+
+def test_the_ike_sas_read_off_the_wire_match_the_vici_packages_decode(
+    harness: Harness, charon: CharonProcess
+) -> None:
+    """Charon.ike_sas decodes list-sas itself (sa_wire); against a real charon holding
+    IKE_SAs it reads what the vici package's full decode says, SA for SA."""
+    harness.publish(build_keyring(6))
+    harness.step()  # node 0 leads: five IKE_SAs under way
+    with charon.session() as session:
+        events = list(session.streamed_request("list-sas", "list-sa", {"noblock": "yes"}))
+    full = {
+        sa["uniqueid"].decode(): (conn, sa["state"].decode(), sa["remote-host"].decode())
+        for event in events
+        for conn, sa in event.items()
+    }
+    ours = {
+        sa.unique_id: (sa.conn, sa.state, sa.remote_host) for sa in Charon(charon.uri).ike_sas()
+    }
+    assert len(ours) == 5 and ours == full
 
 
 def test_removing_a_peer_unloads_it(harness: Harness, charon: CharonProcess) -> None:
@@ -389,7 +408,7 @@ def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -
     messages_before = harness.charon.messages
     harness.step()
     sent = harness.charon.log[before:]
-    assert harness.charon.messages - messages_before == len(QUERIES) + 6 + 3 + 1
+    assert harness.charon.messages - messages_before == len(QUERIES) + 6 + 3 + len(LIST)
     loads = {m["id"]: m["owners"] for c, m in sent if c == "load-shared" and m}
     assert set(loads) == {secret_id(f"node-{i}", g) for i in (1, 2, 3) for g in (1, 2)}
     for i in (1, 2, 3):
@@ -490,7 +509,7 @@ def test_bad_keyring_is_one_sentence_and_charon_unchanged(
     assert error.endswith("keeping keyring serial 1")
     assert_one_sentence(error)
     assert harness.status_doc()["last_error"] == error
-    assert commands == [*QUERIES, "list-sas"]
+    assert commands == [*QUERIES, *LIST]
     assert charon.state() == state == expected(good)
     harness.publish(build_keyring(5, serial=2))
     harness.step()

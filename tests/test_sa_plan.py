@@ -13,6 +13,7 @@ from overlay_vici.agent.sa_plan import (
     REAUTH_RETRY,
     IkeSa,
     Timing,
+    at_rest,
     plan_sas,
 )
 
@@ -210,3 +211,16 @@ def test_the_lower_ip_end_keeps_its_own_duplicate_rule() -> None:
     b = IkeSa("2", "ov-high", "ESTABLISHED", 90, ("c",), False, last_in_ago=0)
     result = plan_sas([a, b], now, SWITCH, ME, PEERS, {}, TIMING)
     assert result.orphans == [] and result.terminate == [b]
+
+
+def test_at_rest_only_with_one_settled_ike_sa_per_peer_and_nothing_due() -> None:
+    now = SWITCH + 60
+    settled = [sa("1", "ov-high", SWITCH + 5, now), sa("2", "ov-low", SWITCH + 5, now, False)]
+    assert at_rest(settled, decide(settled, now), TIMING.resync)
+    connecting = IkeSa("3", "ov-high", "CONNECTING", None, (), True)
+    childless = IkeSa("4", "ov-high", "ESTABLISHED", 5, (), True)
+    duplicate = sa("5", "ov-low", SWITCH + 9, now, False)
+    for busy in ([*settled, duplicate], [settled[1], connecting], [settled[1], childless]):
+        assert not at_rest(busy, decide(busy, now), TIMING.resync)
+    stale = [sa("6", "ov-high", SWITCH - 50, now)]  # to reauthenticate
+    assert not at_rest(stale, decide(stale, now), TIMING.resync)

@@ -294,7 +294,7 @@ class Agent:
         if desired.mode == "off":
             at = desired.keyring.encryption.at
             return self.upkeep.close_all(self.removed_at if self.removed_at is not None else at)
-        return self.upkeep.maintain(self.applied is not None)
+        return self.upkeep.maintain(self.applied is not None, bool(commands) or new_session)
 
     def _enter_mode(self, desired: Accepted) -> None:
         """At the switch to on, bring up at once what prepare could not (a peer that was

@@ -19,6 +19,7 @@ from vici.protocol import Message, Packet, Transport
 
 from overlay_vici.agent.plan import initiate_message
 from overlay_vici.agent.sa_plan import IkeSa
+from overlay_vici.agent.sa_wire import MalformedEvent, decode_list_sa
 
 T = TypeVar("T")
 
@@ -84,13 +85,6 @@ class Charon:
     def request(self, command: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call(command, lambda session: session.request(command, message))
 
-    def _streamed(
-        self, command: str, event: str, message: dict[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        return self._call(
-            command, lambda session: list(session.streamed_request(command, event, message))
-        )
-
     def _call(self, command: str, send: Callable[[vici.Session], T]) -> T:
         """One request: count it, and turn the vici package's errors into ours."""
         session = self._require()
@@ -120,31 +114,22 @@ class Charon:
         return {_text(key_id) for key_id in self.request("get-shared").get("keys", [])}
 
     def ike_sas(self) -> list[IkeSa]:
-        result = []
-        for event in self._streamed("list-sas", "list-sa", {"noblock": "yes"}):
-            for conn, sa in event.items():
-                children = sa.get("child-sas", {}) or {}
-                result.append(
-                    IkeSa(
-                        unique_id=_text(sa.get("uniqueid", b"")),
-                        conn=conn,
-                        state=_text(sa.get("state", b"")),
-                        established_ago=int(sa["established"]) if "established" in sa else None,
-                        child_ids=tuple(
-                            _text(c.get("uniqueid", b""))
-                            for c in children.values()
-                            if _text(c.get("state", b"")) == "INSTALLED"
-                        ),
-                        initiator=_text(sa.get("initiator", b"")) == "yes",
-                        local_host=_text(sa.get("local-host", b"")),
-                        remote_host=_text(sa.get("remote-host", b"")),
-                        last_in_ago=min(
-                            (int(c["use-in"]) for c in children.values() if "use-in" in c),
-                            default=None,
-                        ),
-                    )
-                )
-        return result
+        """Every IKE_SA charon holds, decoded only as far as the planner reads
+        (sa_wire: the vici package's full decode was most of the cost)."""
+
+        def listed(session: vici.Session) -> list[IkeSa]:
+            payloads = _event_payloads(session.transport, "list-sas", "list-sa", {"noblock": "yes"})
+            try:
+                return [sa for payload in payloads for sa in decode_list_sa(payload)]
+            except MalformedEvent as exc:
+                raise SessionException(str(exc)) from None
+
+        return self._call("list-sas", listed)
+
+    def ike_sa_count(self) -> tuple[int, int]:
+        """(IKE_SAs, half-open ones) from `stats`: a cheap sign that charon's set changed."""
+        counts = self.request("stats").get("ikesas", {})
+        return int(counts.get("total", 0)), int(counts.get("half-open", 0))
 
     def close_children(self, child_ids: tuple[str, ...]) -> None:
         """Delete CHILD_SAs; returns at once, charon completes each exchange."""
@@ -260,15 +245,37 @@ class EventWatcher:
         self.handle(name, _decoded(Message.deserialize(packet.payload)))
 
 
-def _register(transport: Transport, event: str) -> None:
-    """Subscribe to one event; events already flowing meanwhile are skipped."""
-    transport.send(Packet.register_event(event))
+def _register(transport: Transport, event: str, register: bool = True) -> None:
+    """(Un)subscribe to one event; events already flowing meanwhile are skipped."""
+    transport.send((Packet.register_event if register else Packet.unregister_event)(event))
     while True:
         reply = Packet.parse(transport.receive())
         if reply.response_type == Packet.EVENT_CONFIRM:
             return
         if reply.response_type != Packet.EVENT:
-            raise SessionException(f"charon refused to subscribe to {event!r}")
+            verb = "subscribe to" if register else "unsubscribe from"
+            raise SessionException(f"charon refused to {verb} {event!r}")
+
+
+def _event_payloads(
+    transport: Transport, command: str, event: str, message: dict[str, Any]
+) -> list[bytes]:
+    """A streamed request (as vici.Session.streamed_request), returning each event's raw
+    message rather than decoding it."""
+    _register(transport, event)
+    try:
+        transport.send(Packet.request(command, Message.serialize(message)))
+        payloads = []
+        while True:
+            raw = transport.receive()
+            if raw[0] == Packet.EVENT:
+                payloads.append(raw[2 + raw[1] :])
+            elif raw[0] == Packet.CMD_RESPONSE:
+                return payloads
+            else:
+                raise SessionException(f"charon answered {command!r} with packet type {raw[0]}")
+    finally:
+        _register(transport, event, register=False)
 
 
 def _decoded(value: Any) -> Any:

@@ -168,6 +168,28 @@ def plan_sas(
     return result
 
 
+def at_rest(sas: list[IkeSa], decided: SaPlan, resync: float) -> bool:
+    """Nothing to do and nothing under way: one established IKE_SA with its CHILD_SA per
+    connection at most, and no pass due before the resync. Until charon's IKE_SAs change,
+    listing them again would find the same (SaUpkeep skips it then)."""
+    busy = (
+        decided.stale
+        or decided.reauthenticate
+        or decided.terminate
+        or decided.retire
+        or decided.moved
+        or decided.orphans
+        or decided.initiate
+        or decided.wait < resync
+    )
+    conns = [sa.conn for sa in sas]
+    return (
+        not busy
+        and len(conns) == len(set(conns))
+        and all(sa.state == "ESTABLISHED" and sa.child_ids for sa in sas)
+    )
+
+
 def _plan_reauth(
     result: SaPlan,
     stale: list[IkeSa],

@@ -18,7 +18,7 @@ from typing import Any
 from overlay_vici.agent.charon import Charon, CharonCommandError
 from overlay_vici.agent.plan import child_name
 from overlay_vici.agent.render import is_owned_conn
-from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, plan_sas
+from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, at_rest, plan_sas
 from overlay_vici.core import log
 from overlay_vici.core.contract import conn_name
 from overlay_vici.core.keyring import Keyring
@@ -29,6 +29,10 @@ from overlay_vici.core.keyring import Keyring
 OFF_SETTLE = 2.0
 
 Fail = Callable[..., None]  # (event, message, **fields): record and log once
+# At rest (sa_plan.at_rest), charon's IKE_SAs are listed again only when `stats` counts
+# other numbers, when the agent changed something, or every this many resyncs: a list of
+# 1,000 established IKE_SAs costs tens of milliseconds, `stats` well under one.
+AUDIT_RESYNCS = 4
 
 
 class SaUpkeep:
@@ -63,6 +67,9 @@ class SaUpkeep:
         self._switch_ids: frozenset[str] | None = None
         self._capture_switch_ids = False
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
+        self._rest = False  # the last plan found nothing to do (sa_plan.at_rest)
+        self._counts: tuple[int, int] | None = None  # charon's `stats` at the last list
+        self._listed_at = 0.0  # time.monotonic() of the last list
         self._own_ip: IPv4Address | IPv6Address = ip_address("0.0.0.0")
         self._timing = Timing(
             reauth_delay=random.uniform(0, reauth_jitter),
@@ -89,6 +96,7 @@ class SaUpkeep:
         elif switched:
             self.sent_since = time.time()
             self._capture_switch_ids = True
+        self._rest = False
         if switched:
             self._reauth_issued.clear()
             log.info("sent generation switched", node=self.node, sent=keyring.sent)
@@ -124,9 +132,11 @@ class SaUpkeep:
         for name, when in due:
             self._initiate_due[name] = min(self._initiate_due.get(name, when), when)
 
-    def maintain(self, applied: bool) -> float:
-        """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again."""
-        self.sas = self._owned_sas()
+    def maintain(self, applied: bool, changed: bool) -> float:
+        """Reauthenticate stale IKE_SAs, drop duplicates; return when to look again.
+        `changed`: this pass sent charon something, or met a new charon."""
+        if not self._list(changed):
+            return self.resync
         if self._capture_switch_ids:
             self._switch_ids = frozenset(sa.unique_id for sa in self.sas)
             self._capture_switch_ids = False
@@ -164,7 +174,25 @@ class SaUpkeep:
             self._act(self._terminate_now, "closing IKE_SA on an old address", sa)
         for sa in decided.orphans:
             self._act(self._terminate_now, "closing IKE_SA its peer no longer has", sa)
+        self._rest = at_rest(self.sas, decided, self.resync)
         return decided.wait
+
+    def _list(self, changed: bool) -> bool:
+        """Read charon's IKE_SAs into `sas` unless at rest and unchanged (AUDIT_RESYNCS);
+        returns whether it did."""
+        now = time.monotonic()
+        counts = self.charon.ike_sa_count()
+        if (
+            self._rest
+            and not changed
+            and not self._initiate_due
+            and counts == self._counts
+            and now < self._listed_at + AUDIT_RESYNCS * self.resync
+        ):
+            return False
+        self.sas = self._owned_sas()
+        self._counts, self._listed_at = counts, now
+        return True
 
     def close_all(self, since: float | None) -> float:
         """Off: once every node's traps are gone (OFF_SETTLE past `since`), close every
