@@ -62,10 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from charon_process import CharonProcess
 
 from overlay_vici.agent import agent as agent_module
+from overlay_vici.agent import conf_parts as conf_parts_module
 from overlay_vici.agent import render as render_module
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
-from overlay_vici.agent.plan import Desired
+from overlay_vici.agent.conf_parts import ConfParts
 from overlay_vici.agent.render import Settings
 from overlay_vici.agent.swanctl_conf import Messages, to_messages
 from overlay_vici.core.files import publish_secret
@@ -74,14 +75,14 @@ from overlay_vici.core.keyring import Generation, Keyring, Peer, dumps, new_gene
 NODE = "n0"
 PEER_BASE = IPv4Address("10.0.0.1")  # peer n<i> has PEER_BASE + i, for i = 1 .. N (+ added)
 SETTINGS = Settings()
-# The agent's functions whose time the split reports, as looked up by overlay_vici.agent.agent.
+# The functions whose time the split reports, by the module that looks them up: the agent,
+# and conf_parts (each peer's part rendered, parsed and digested when its key is new).
 AGENT_FUNCTIONS = {
     "read_keyring_bytes": "read keyring",
     "loads": "validate",
-    "swanctl_conf": "render",
-    "to_messages": "parse",
     "plan": "plan",
 }
+CONF_FUNCTIONS = {"parts": "render", "to_messages": "parse", "digest": "digests"}
 # Charon methods the agent queries with, and the label of each.
 CHARON_QUERIES = {
     "loaded_conns": "queries",
@@ -130,6 +131,7 @@ import overlay_vici.agent.render, overlay_vici.agent.sa_plan, overlay_vici.agent
 import overlay_vici.core.files, overlay_vici.core.keyring
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
+from overlay_vici.agent.conf_parts import ConfParts
 from overlay_vici.agent.render import Settings
 
 mode = sys.argv[1]
@@ -272,6 +274,15 @@ class Split:
     results: dict[str, Any] = field(default_factory=dict)
     sent: Counter[str] = field(default_factory=Counter)  # VICI command -> requests
 
+    def record(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Remember `function`'s last result under `label`, untimed."""
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.results[label] = function(*args, **kwargs)
+            return self.results[label]
+
+        return recorded
+
     def wrap(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """Time `function` under `label`; remember its last result under `label`."""
 
@@ -314,9 +325,13 @@ def instrumented(agent: Agent) -> Iterator[Split]:
         for name, label in AGENT_FUNCTIONS.items():
             wrapped = split.wrap(label, getattr(agent_module, name))
             stack.enter_context(mock.patch.object(agent_module, name, wrapped))
-        # Desired.of computes the digest of every desired message once per accepted keyring.
-        wrapped = split.wrap("digests", Desired.of)
-        stack.enter_context(mock.patch.object(Desired, "of", wrapped))
+        for name, label in CONF_FUNCTIONS.items():
+            wrapped = split.wrap(label, getattr(conf_parts_module, name))
+            stack.enter_context(mock.patch.object(conf_parts_module, name, wrapped))
+        wrapped = split.wrap("render", render_module.Part.render)
+        stack.enter_context(mock.patch.object(render_module.Part, "render", wrapped))
+        wrapped = split.record("conf", ConfParts.build)
+        stack.enter_context(mock.patch.object(ConfParts, "build", wrapped))
         wrapped = split.wrap("hkdf", render_module.pair_psk)
         stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
         wrapped = split.wrap_vici(agent.charon._call)
@@ -366,7 +381,7 @@ def timed_step(agent: Agent) -> StepSample:
         messages,
         split.sent,
         pieces,
-        split.results.get("render"),
+        split.results["conf"].text if "conf" in split.results else None,
         agent.charon.sessions - sessions,
         len(agent.upkeep.sas),
     )

@@ -105,14 +105,14 @@ def test_render_swanctl_prints_what_the_agent_loads(
 def test_render_swanctl_honours_template_override(
     capsys: pytest.CaptureFixture[str], keys: Path, tmp_path: Path
 ) -> None:
-    """--templates DIR replaces the built-in swanctl.conf.j2."""
+    """--templates DIR replaces the built-in swanctl.conf.j2, rendered once per peer."""
     (tmp_path / "tpl").mkdir()
-    (tmp_path / "tpl" / "swanctl.conf.j2").write_text("# {{ peers | length }} peers\n")
+    (tmp_path / "tpl" / "swanctl.conf.j2").write_text("# {{ peers[0].name }}\n")
     code, out, _ = cli(
         capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys),
         "--templates", str(tmp_path / "tpl"),
     )  # fmt: skip
-    assert (code, out) == (0, "# 3 peers\n")
+    assert (code, out) == (0, "# node-1\n# node-2\n# node-3\n")
 
 
 @pytest.mark.parametrize(

@@ -24,17 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from overlay_vici.agent.charon import Charon, CharonCommandError, CharonUnavailable
+from overlay_vici.agent.conf_parts import OFF, ConfParts
 from overlay_vici.agent.netfilter import Guard, GuardError
 from overlay_vici.agent.plan import Command, Desired, plan
-from overlay_vici.agent.render import (
-    Settings,
-    SettingsError,
-    local_node,
-    swanctl_conf,
-)
+from overlay_vici.agent.render import Settings, SettingsError, local_node
 from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads
 from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
-from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.agent.swanctl_conf import SwanctlSyntaxError
 from overlay_vici.agent.upkeep import SaUpkeep
 from overlay_vici.core import log
 from overlay_vici.core.contract import StatusReport, conn_name, notice_at
@@ -105,6 +101,7 @@ class Agent:
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._backoff = BACKOFF_MIN
+        self.conf_parts = ConfParts(config.settings, config.templates)
         previous = read_json(config.status_path) if config.status_path else None
         self.upkeep = SaUpkeep(
             config.node,
@@ -196,16 +193,9 @@ class Agent:
             else:
                 keyring = loads(raw)
             mode = self._mode(keyring)
-            text = ""
+            conf = OFF
             if mode != "off":
-                text = swanctl_conf(
-                    keyring,
-                    self.config.node,
-                    self.config.settings,
-                    self.config.templates,
-                    enforce=mode == "on",
-                )
-            messages = to_messages(text) if text else Messages({}, {})
+                conf = self.conf_parts.build(keyring, self.config.node, enforce=mode == "on")
         except (KeyringError, LookupError, SettingsError, SwanctlSyntaxError) as exc:
             kept = (
                 f"keeping keyring serial {self.desired.keyring.serial}"
@@ -215,9 +205,9 @@ class Agent:
             self._fail("keyring rejected", f"{exc}; {kept}")
             return
         if self.config.conf_out:
-            write_atomic(self.config.conf_out, text, 0o600)
+            write_atomic(self.config.conf_out, conf.text, 0o600)
         initiated = self._initiated(keyring) if mode != "off" else frozenset()
-        target = Desired.of(messages, initiated, keep_sas=mode == "off")
+        target = Desired.of(conf.messages, initiated, keep_sas=mode == "off", digests=conf.digests)
         self.desired = Accepted(raw, keyring, mode, target)
         log.info(
             "keyring accepted",
@@ -225,7 +215,7 @@ class Agent:
             serial=keyring.serial,
             sent=keyring.sent,
             accepted=list(keyring.accepted),
-            peers=len(messages.conns),
+            peers=len(conf.messages.conns),
             encryption=mode,
             switch_at=keyring.encryption.at,
         )

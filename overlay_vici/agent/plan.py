@@ -41,10 +41,16 @@ class Desired:
 
     @classmethod
     def of(
-        cls, messages: Messages, initiated: frozenset[str] = frozenset(), keep_sas: bool = False
+        cls,
+        messages: Messages,
+        initiated: frozenset[str] = frozenset(),
+        keep_sas: bool = False,
+        digests: dict[str, str] | None = None,
     ) -> Desired:
-        every = {**messages.shared, **messages.conns}
-        digests = {subject: digest(message) for subject, message in every.items()}
+        """`digests`: those of `messages`, if already known (conf_parts keeps them)."""
+        if digests is None:
+            every = {**messages.shared, **messages.conns}
+            digests = {subject: digest(message) for subject, message in every.items()}
         return cls(messages, digests, initiated, keep_sas)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -161,6 +162,63 @@ def local_node(keyring: Keyring, node_name: str) -> Peer:
     return node
 
 
+@dataclass(frozen=True)
+class Part:
+    """One peer's share of swanctl.conf: the template rendered with `peers` holding that one
+    peer. `key` holds everything its text depends on, so that equal keys render equal text
+    (the agent renders and parses a part again only when its key is new)."""
+
+    key: tuple[Any, ...]
+    context: dict[str, Any]
+
+    def render(self, templates: Path | None = None) -> str:
+        return _environment(templates).get_template("swanctl.conf.j2").render(self.context)
+
+
+def parts(keyring: Keyring, node_name: str, settings: Settings, enforce: bool = True) -> list[Part]:
+    """swanctl.conf for one node, a part per peer (one part with no peer if it has none);
+    `first` marks the part that carries the file's header. `enforce` False: connections that
+    answer the peers but trap nothing (the switch's prepare step), so that no policy exists
+    until the switch."""
+    node = local_node(keyring, node_name)
+    others = [peer for peer in keyring.peers if peer.name != node.name]
+    psks = _cached_psks(keyring, node, others)
+    rand_time = ike_rand_time(settings, keyring)
+    common = {"node": node, "settings": settings, "ike_rand_time": rand_time, "enforce": enforce}
+    shared = (node, settings, rand_time, enforce)
+    if not others:
+        return [Part((*shared, True), {**common, "first": True, "peers": []})]
+    result = []
+    for index, peer in enumerate(others):
+        secrets = tuple(
+            (
+                secret_id(peer.name, gen.id),
+                tuple(owners(node, peer, gen.id == keyring.sent)),
+                psks[(gen.id, gen.key, node.ip, peer.ip)],
+            )
+            for gen in keyring.generations
+        )
+        priority = policy_priority(keyring, node, peer)
+        context = {
+            **common,
+            "first": index == 0,
+            "peers": [
+                {
+                    "name": peer.name,
+                    "ip": peer.ip,
+                    "conn": conn_name(peer.name),
+                    "priority": priority,
+                    "secrets": [
+                        {"id": key_id, "owners": list(ids), "hex": hex_psk}
+                        for key_id, ids, hex_psk in secrets
+                    ],
+                }
+            ],
+        }
+        result.append(Part((*shared, index == 0, peer, priority, secrets), context))
+    return result
+
+
 def swanctl_conf(
     keyring: Keyring,
     node_name: str,
@@ -168,37 +226,9 @@ def swanctl_conf(
     templates: Path | None = None,
     enforce: bool = True,
 ) -> str:
-    """The swanctl.conf for one node: a connection per peer and its per-pair keys.
-    `enforce` False: connections that answer the peers but trap nothing (the switch's
-    prepare step), so that no policy exists until the switch."""
-    node = local_node(keyring, node_name)
-    others = [peer for peer in keyring.peers if peer.name != node.name]
-    psks = _cached_psks(keyring, node, others)
-    peers = [
-        {
-            "name": peer.name,
-            "ip": peer.ip,
-            "conn": conn_name(peer.name),
-            "priority": policy_priority(keyring, node, peer),
-            "secrets": [
-                {
-                    "id": secret_id(peer.name, gen.id),
-                    "owners": owners(node, peer, gen.id == keyring.sent),
-                    "hex": psks[(gen.id, gen.key, node.ip, peer.ip)],
-                }
-                for gen in keyring.generations
-            ],
-        }
-        for peer in others
-    ]
-    template = _environment(templates).get_template("swanctl.conf.j2")
-    return template.render(
-        node=node,
-        peers=peers,
-        settings=settings,
-        ike_rand_time=ike_rand_time(settings, keyring),
-        enforce=enforce,
-    )
+    """The swanctl.conf for one node: a connection per peer and its per-pair keys, as the
+    agent loads it (its parts in peer order; swanctl merges the repeated sections)."""
+    return "".join(part.render(templates) for part in parts(keyring, node_name, settings, enforce))
 
 
 def strongswan_conf(

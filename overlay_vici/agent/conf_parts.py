@@ -1,0 +1,71 @@
+"""The agent's swanctl.conf, kept part by part: each peer's part is rendered, parsed and
+digested once per distinct key (render.Part), so that a keyring change costs what it
+changed. At N=1,000 a one-peer change re-rendered and re-parsed every peer (about 80 ms
+of 106, BENCHMARKS.md).
+
+Pure: templates are read, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from overlay_vici.agent.plan import digest
+from overlay_vici.agent.render import Part, Settings, parts
+from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
+from overlay_vici.core.keyring import Keyring
+
+
+@dataclass(frozen=True)
+class Conf:
+    """swanctl.conf as text, as the VICI messages swanctl would send, and their digests."""
+
+    text: str
+    messages: Messages
+    digests: dict[str, str]
+
+
+OFF = Conf("", Messages({}, {}), {})
+
+
+class ConfParts:
+    """Holds the parts of the last keyring built, and only those: a part no longer in the
+    keyring (a retired generation's keys) goes with the next build."""
+
+    def __init__(self, settings: Settings, templates: Path | None = None) -> None:
+        self.settings = settings
+        self.templates = templates
+        self._built: dict[tuple[Any, ...], Conf] = {}
+
+    def build(self, keyring: Keyring, node_name: str, enforce: bool) -> Conf:
+        wanted = parts(keyring, node_name, self.settings, enforce)
+        built = {part.key: self._built.get(part.key) or self._one(part) for part in wanted}
+        self._built = built
+        return _merged(list(built.values()))
+
+    def _one(self, part: Part) -> Conf:
+        text = part.render(self.templates)
+        messages = to_messages(text)
+        every = {**messages.shared, **messages.conns}
+        return Conf(text, messages, {subject: digest(body) for subject, body in every.items()})
+
+
+def _merged(confs: list[Conf]) -> Conf:
+    """One Conf of many, as swanctl merges repeated sections. A name two parts define
+    differently would merge differently from the whole file: refused."""
+    conns: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+    for conf in confs:
+        for into, messages in ((conns, conf.messages.conns), (shared, conf.messages.shared)):
+            for name, body in messages.items():
+                if name in into and into[name] != body:
+                    raise SwanctlSyntaxError(
+                        f"the swanctl.conf template renders {name} differently for two peers; "
+                        "make each part depend only on its own peer"
+                    )
+                into[name] = body
+        digests.update(conf.digests)
+    return Conf("".join(conf.text for conf in confs), Messages(conns=conns, shared=shared), digests)
