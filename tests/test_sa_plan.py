@@ -224,3 +224,14 @@ def test_at_rest_only_with_one_settled_ike_sa_per_peer_and_nothing_due() -> None
         assert not at_rest(busy, decide(busy, now), TIMING.resync)
     stale = [sa("6", "ov-high", SWITCH - 50, now)]  # to reauthenticate
     assert not at_rest(stale, decide(stale, now), TIMING.resync)
+
+
+def test_reauthentications_share_the_batch_with_initiations() -> None:
+    """After a switch the lowest-IP end has a stale IKE_SA with every peer: a batch a pass."""
+    now = SWITCH + 60
+    peers = {f"ov-n{i:04}": ip_address(f"10.1.{i // 200}.{i % 200 + 1}") for i in range(100)}
+    stale = [sa(str(i), conn, SWITCH - 50, now) for i, conn in enumerate(peers)]
+    due = {"ov-new": now - 1}
+    first = plan_sas(stale, now, SWITCH, ME, {**peers, "ov-new": HIGH}, {}, TIMING, due)
+    assert first.initiate == ["ov-new"] and len(first.reauthenticate) == INITIATE_BATCH - 1
+    assert first.wait == 0.0 and len(first.stale) == 100

@@ -27,12 +27,13 @@ PEER_SLACK = 5.0
 # initiates too, this long after the lower-IP end (which initiates at once), unless an
 # IKE_SA exists by then: a restarted charon's peers may still hold IKE_SAs with it that only
 # its own initiation (INITIAL_CONTACT) replaces, whichever end has the lower IP. (A charon
-# that restarted under a running agent gets no grace: see Agent._schedule_initiations.)
+# that restarted under a running agent gets no grace: see SaUpkeep.schedule_initiations.)
 INITIATE_GRACE = 2.0
-# At most this many initiations per pass, the next pass at once: charon builds each
-# IKE_SA_INIT before it answers `initiate`, and the cost grows with the IKE_SAs it holds
-# (about 1 ms each at 1,000), so a lowest-IP node's 999 in one pass would block the agent
-# for seconds, with no status and no look at the Secret meanwhile (BENCHMARKS.md).
+# At most this many initiations, reauthentications included, per pass, the next pass at
+# once: charon builds each IKE_SA_INIT before it answers `initiate`, and the cost grows
+# with the IKE_SAs it holds (about 1 ms each at 1,000), so a lowest-IP node's 999 in one
+# pass would block the agent for seconds, with no status and no look at the Secret
+# meanwhile (BENCHMARKS.md).
 INITIATE_BATCH = 64
 
 
@@ -99,7 +100,8 @@ def plan_sas(
 
     Duplicates from simultaneous initiation are dropped by the lower-IP end, which keeps the
     one it initiated. A connection in `initiate_due` (name: when) is initiated once due if
-    it still has no IKE_SA in any state, the earliest due first, INITIATE_BATCH a pass.
+    it still has no IKE_SA in any state, the earliest due first; initiations and
+    reauthentications together take at most INITIATE_BATCH a pass.
 
     `stale_ids`, the IKE_SAs charon held right after the new sent key was loaded, are
     exactly the stale ones when known. `established_ago` counts whole seconds, so without
@@ -165,6 +167,9 @@ def plan_sas(
         elif len(group) > 1 and leads:
             keep = min(group, key=lambda sa: (not sa.initiator, sa.established_ago))
             result.terminate += [sa for sa in group if sa is not keep]
+    room = max(INITIATE_BATCH - len(result.initiate), 0)
+    if len(result.reauthenticate) > room:  # the rest on the next pass, at once
+        result.reauthenticate, result.wait = result.reauthenticate[:room], 0.0
     return result
 
 
