@@ -31,7 +31,7 @@ def test_a_one_peer_change_renders_one_part(monkeypatch: pytest.MonkeyPatch) -> 
     rendered: list[str] = []
     real = render.Part.render
     monkeypatch.setattr(
-        render.Part, "render", lambda part, t=None: rendered.append(part.key) or real(part, t)
+        render.Part, "render", lambda part, t, c: rendered.append(part.key) or real(part, t, c)
     )
     parts = ConfParts(Settings())
     parts.build(build_keyring(50), "node-0", True)

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from overlay_vici.agent.conf_parts import OFF, ConfParts
 from overlay_vici.agent.netfilter import Guard, GuardError
 from overlay_vici.agent.plan import Command, Desired, plan
 from overlay_vici.agent.render import Settings, SettingsError, local_node
-from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads
+from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads, parse_ip
 from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
 from overlay_vici.agent.swanctl_conf import SwanctlSyntaxError
 from overlay_vici.agent.upkeep import SaUpkeep
@@ -244,9 +243,9 @@ class Agent:
 
         SAs then exist before traffic needs them, and the two ends rarely both initiate.
         """
-        own = ip_address(local_node(keyring, self.config.node).ip)
+        own = parse_ip(local_node(keyring, self.config.node).ip)
         return frozenset(
-            conn_name(p.name) for p in keyring.peers if lower_ip_leads(own, ip_address(p.ip))
+            conn_name(p.name) for p in keyring.peers if lower_ip_leads(own, parse_ip(p.ip))
         )
 
     def _sync(self, desired: Accepted) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay_vici.agent.plan import digest
-from overlay_vici.agent.render import Part, Settings, parts
+from overlay_vici.agent.render import Settings, parts, swanctl_template
 from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
 from overlay_vici.core.keyring import Keyring
 
@@ -37,16 +37,23 @@ class ConfParts:
     def __init__(self, settings: Settings, templates: Path | None = None) -> None:
         self.settings = settings
         self.templates = templates
+        self._shared: tuple[Any, ...] | None = None
         self._built: dict[tuple[Any, ...], Conf] = {}
 
     def build(self, keyring: Keyring, node_name: str, enforce: bool) -> Conf:
         wanted = parts(keyring, node_name, self.settings, enforce)
-        built = {part.key: self._built.get(part.key) or self._one(part) for part in wanted}
+        if wanted.shared != self._shared:  # every part changes
+            self._shared, self._built = wanted.shared, {}
+        template, common = swanctl_template(self.templates), wanted.common
+        built = {
+            part.key: self._built.get(part.key) or self._one(part.render(template, common))
+            for part in wanted.each
+        }
         self._built = built
         return _merged(list(built.values()))
 
-    def _one(self, part: Part) -> Conf:
-        text = part.render(self.templates)
+    @staticmethod
+    def _one(text: str) -> Conf:
         messages = to_messages(text)
         every = {**messages.shared, **messages.conns}
         return Conf(text, messages, {subject: digest(body) for subject, body in every.items()})

@@ -18,7 +18,14 @@ from typing import Any
 from overlay_vici.agent.charon import Charon, CharonCommandError
 from overlay_vici.agent.plan import child_name
 from overlay_vici.agent.render import is_owned_conn
-from overlay_vici.agent.sa_plan import INITIATE_GRACE, IkeSa, Timing, at_rest, plan_sas
+from overlay_vici.agent.sa_plan import (
+    INITIATE_GRACE,
+    IkeSa,
+    Timing,
+    at_rest,
+    parse_ip,
+    plan_sas,
+)
 from overlay_vici.core import log
 from overlay_vici.core.contract import conn_name
 from overlay_vici.core.keyring import Keyring
@@ -101,9 +108,9 @@ class SaUpkeep:
             self._reauth_issued.clear()
             log.info("sent generation switched", node=self.node, sent=keyring.sent)
         self._sent = keyring.sent
-        self._peer_ips = {conn_name(p.name): ip_address(p.ip) for p in keyring.peers}
+        self._peer_ips = {conn_name(p.name): parse_ip(p.ip) for p in keyring.peers}
         own = keyring.peer(self.node)
-        self._own_ip = ip_address(own.ip if own else "0.0.0.0")
+        self._own_ip = parse_ip(own.ip if own else "0.0.0.0")
 
     def schedule_initiations(
         self, initiated: frozenset[str], loaded_conns: set[str], reconnected: bool
