@@ -27,14 +27,14 @@ from overlay_vici.agent.conf_parts import OFF, ConfParts
 from overlay_vici.agent.netfilter import Guard, GuardError
 from overlay_vici.agent.plan import Command, Desired, plan
 from overlay_vici.agent.render import Settings, SettingsError, local_node
-from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads, parse_ip
+from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads
 from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
 from overlay_vici.agent.swanctl_conf import SwanctlSyntaxError
 from overlay_vici.agent.upkeep import SaUpkeep
 from overlay_vici.core import log
 from overlay_vici.core.contract import StatusReport, conn_name, notice_at
 from overlay_vici.core.files import read_json, write_atomic, write_json
-from overlay_vici.core.keyring import Keyring, KeyringError, loads
+from overlay_vici.core.keyring import Keyring, KeyringError, loads, parse_ip
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0

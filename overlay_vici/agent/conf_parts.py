@@ -66,13 +66,20 @@ def _merged(confs: list[Conf]) -> Conf:
     shared: dict[str, Any] = {}
     digests: dict[str, str] = {}
     for conf in confs:
-        for into, messages in ((conns, conf.messages.conns), (shared, conf.messages.shared)):
-            for name, body in messages.items():
-                if name in into and into[name] != body:
-                    raise SwanctlSyntaxError(
-                        f"the swanctl.conf template renders {name} differently for two peers; "
-                        "make each part depend only on its own peer"
-                    )
-                into[name] = body
+        conns.update(conf.messages.conns)
+        shared.update(conf.messages.shared)
         digests.update(conf.digests)
+    if len(conns) + len(shared) < sum(len(conf.digests) for conf in confs):
+        _check_repeats(confs)  # some name is in two parts (rare: only an operator's template)
     return Conf("".join(conf.text for conf in confs), Messages(conns=conns, shared=shared), digests)
+
+
+def _check_repeats(confs: list[Conf]) -> None:
+    seen: dict[str, Any] = {}
+    for conf in confs:
+        for name, body in (*conf.messages.conns.items(), *conf.messages.shared.items()):
+            if seen.setdefault(name, body) != body:
+                raise SwanctlSyntaxError(
+                    f"the swanctl.conf template renders {name} differently for two peers; "
+                    "make each part depend only on its own peer"
+                )

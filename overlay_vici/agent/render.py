@@ -16,9 +16,9 @@ from typing import Any
 
 import jinja2
 
-from overlay_vici.agent.sa_plan import lower_ip_leads, parse_ip
+from overlay_vici.agent.sa_plan import lower_ip_leads
 from overlay_vici.core.contract import CONN_PREFIX, conn_name
-from overlay_vici.core.keyring import Generation, Keyring, Peer, pair_psk
+from overlay_vici.core.keyring import Generation, Keyring, Peer, pair_psk, parse_ip
 from overlay_vici.core.options import seconds
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
+
+from overlay_vici.core.keyring import parse_ip
 
 IP = IPv4Address | IPv6Address
-# Node and SA addresses parsed once: every keyring change and every pass compares the IPs
-# of all pairs (parsing 2,000 took a third of a one-peer change at N=1,000). Bounded: a
-# node's addresses change rarely.
-parse_ip = lru_cache(maxsize=1 << 14)(ip_address)
 REAUTH_POLL = 2.0
 REAUTH_RETRY = 30.0  # a reauthentication not done by then (peer down?) is tried again
 # charon counts `established` in whole seconds of its own clock, so established_ago may be

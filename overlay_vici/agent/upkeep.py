@@ -23,12 +23,11 @@ from overlay_vici.agent.sa_plan import (
     IkeSa,
     Timing,
     at_rest,
-    parse_ip,
     plan_sas,
 )
 from overlay_vici.core import log
 from overlay_vici.core.contract import conn_name
-from overlay_vici.core.keyring import Keyring
+from overlay_vici.core.keyring import Keyring, parse_ip
 
 # Switching off, SAs outlive their connections by this much past the moment: longer than
 # the nodes take to remove their traps (measured 0.3 s apart), so that no peer's trap meets
