@@ -4,17 +4,18 @@ The node under test, `nut` (10.99.0.1, the lowest IP: it initiates every pair an
 reauthentication at a key switch), runs the real `overlay-vici agent` console script and a
 real charon started as tests/uml/cluster.py starts them (the project's strongswan.conf, the
 agent flags of the UML rotation tests: `--resync 2 --reauth-jitter 1`, guard on, metrics on
-port 9541), with keys from the real `overlay-vici master --local` (`--tick 0.5 --agent-
-timeout 90s`: see MASTER_FLAGS). Its N-1 peers are simulated (bench/peersim.py): a few
-charons, each in its own namespace on the same bridge with up to --per-sim node addresses on
-its veth and one connection per address, all loaded from the project's own renderer with the
-same keyring's PSKs, and a driver that follows the master's keyring into them and reports
-for every simulated node to the master, as an agent would. --samples of the peers are one-
-address sim hosts with Calico's tunl0 and pod routes, so that pod pings cross nut <-> peer
-as IPIP in both directions; the kernel counters (raw PREROUTING, `-p 4 -m policy --dir in
---pol none`) count the plaintext IPIP that nut and those peers receive. The local master and
-the sim driver share the guest's one CPU but are no part of a real node: they are stopped
-(SIGSTOP) except during the rotation, which needs them; their CPU there is reported.
+port 9541), with keys from the real `overlay-vici master --local` (`--tick 0.5
+--agent-timeout 90s`: see MASTER_FLAGS). Its N-1 peers are simulated (bench/peersim.py): a
+few charons, each in its own namespace on the same bridge with up to --per-sim node
+addresses on its veth and one connection per address, all loaded from the project's own
+renderer with the same keyring's PSKs, and a driver that follows the master's keyring into
+them and reports for every simulated node to the master, as an agent would. --samples of the
+peers are one-address sim hosts with Calico's tunl0 and pod routes, so that pod pings cross
+nut <-> peer as IPIP in both directions; the kernel counters (raw PREROUTING, `-p 4 -m
+policy --dir in --pol none`) count the plaintext IPIP that nut and those peers receive. The
+local master and the sim driver share the guest's one CPU but are no part of a real node:
+they are stopped (SIGSTOP) except during the rotation, which needs them; their CPU there is
+reported.
 
 Per step N (nodes including nut), in one guest each:
 1. agent start -> every peer's SAs up (status.json peers_up == N-1), with the agent's and
