@@ -22,7 +22,8 @@ Per step N (nodes including nut), in one guest each:
    charon's CPU and RSS (/proc) at that moment;
 2. a steady window of --window seconds with everything established: CPU of agent and
    charon per minute, and the agent's reconcile steps in it (its own histogram
-   overlay_vici_reconcile_duration_seconds, scraped from /metrics before and after);
+   overlay_vici_reconcile_duration_seconds, scraped from /metrics before and after); then
+   --quiet-window seconds with the agent stopped (SIGSTOP): charon's CPU on its own;
 3. one rotation (`overlay-vici rotate --local`): each phase's duration from the master's
    history, then until nut itself reports it done (one generation, nothing stale, all up),
    loss and plaintext on the sampled pairs;
@@ -408,6 +409,21 @@ class Step:
             "ping": self.ping_result(stats),
             "usage_end": after,
         }
+        # The same with the agent stopped: what charon costs on its own (DPD, rekeying)
+        # against what the agent's steps make it do.
+        agent = self.cluster.agents["nut"]
+        agent.send_signal(signal.SIGSTOP)
+        try:
+            c0, t0 = cpu_seconds(self.charon_pid()), time.monotonic()
+            time.sleep(self.args.quiet_window)
+            c1, t1 = cpu_seconds(self.charon_pid()), time.monotonic()
+        finally:
+            agent.send_signal(signal.SIGCONT)
+        self.result["steady"]["charon_cpu_s_per_min_agent_stopped"] = round(
+            (c1 - c0) / ((t1 - t0) / 60), 2
+        )
+        self.result["steady"]["quiet_window_s"] = round(t1 - t0, 1)
+        time.sleep(3)  # a step or so to catch up before the rotation
 
     def rotation(self) -> None:
         self.helpers(signal.SIGCONT)
@@ -670,6 +686,8 @@ def host_main(args: argparse.Namespace) -> int:
             str(args.samples),
             "--window",
             str(args.window),
+            "--quiet-window",
+            str(args.quiet_window),
             "--workdir",
             args.workdir,
         ]
@@ -731,6 +749,10 @@ ROWS = [
     ("**steady: agent CPU, s per minute**", "steady.agent_cpu_s_per_min"),
     ("**steady: charon CPU, s per minute**", "steady.charon_cpu_s_per_min"),
     ("steady: sim charons' CPU, s per minute", "steady.sims_cpu_s_per_min"),
+    (
+        "steady: charon CPU with the agent stopped, s per minute",
+        "steady.charon_cpu_s_per_min_agent_stopped",
+    ),
     ("steady: agent reconcile steps in the window", "steady.steps"),
     ("**idle step, wall ms (mean, agent's histogram)**", "steady.step_wall_ms_mean"),
     ("idle step, agent CPU ms (window CPU / steps)", "steady.agent_cpu_ms_per_step"),
@@ -817,6 +839,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--window", type=float, default=60.0, help="steady-state window, s (default %(default)s)"
+    )
+    parser.add_argument(
+        "--quiet-window",
+        type=float,
+        default=30.0,
+        help="then with the agent stopped, s (default %(default)s)",
     )
     parser.add_argument("--mem", default="3G", help="guest memory (default %(default)s)")
     parser.add_argument(
