@@ -27,6 +27,7 @@ import pytest
 from charon_process import CHARON, CharonProcess
 from keyring_fixtures import build_keyring, node_ip
 
+from overlay_vici.agent import agent as agent_module
 from overlay_vici.agent.agent import Agent, AgentConfig
 from overlay_vici.agent.charon import Charon
 from overlay_vici.agent.render import Settings, conn_name, secret_id
@@ -221,18 +222,19 @@ def test_adding_a_peer_costs_constant_messages(harness: Harness, charon: CharonP
 
 
 def test_a_lowest_ip_node_initiates_a_batch_a_step(harness: Harness) -> None:
-    """150 peers to initiate: 64, 64 and 22 over three steps that follow at once, each
+    """Two batches and 22 peers to initiate: over three steps that follow at once, each
     with the status written, never one step holding charon for all of them."""
-    harness.publish(build_keyring(151))
+    peers = 2 * INITIATE_BATCH + 22
+    harness.publish(build_keyring(peers + 1))
     batches, waits = [], []
     for _ in range(4):
         before = len(harness.charon.log)
         waits.append(harness.agent.step())
         batches.append([c for c, _ in harness.charon.log[before:]].count("initiate"))
-    assert batches == [INITIATE_BATCH, INITIATE_BATCH, 150 - 2 * INITIATE_BATCH, 0]
+    assert batches == [INITIATE_BATCH, INITIATE_BATCH, 22, 0]
     assert waits[:2] == [0.0, 0.0] and waits[3] > 0
     assert {m["ike"] for c, m in harness.charon.log if c == "initiate"} == {
-        conn_name(f"node-{i}") for i in range(1, 151)
+        conn_name(f"node-{i}") for i in range(1, peers + 1)
     }
     assert harness.agent.last_error is None
 
@@ -255,6 +257,24 @@ def test_the_ike_sas_read_off_the_wire_match_the_vici_packages_decode(
         sa.unique_id: (sa.conn, sa.state, sa.remote_host) for sa in Charon(charon.uri).ike_sas()
     }
     assert len(ours) == 5 and ours == full
+
+
+def test_a_long_step_keeps_its_status_fresh(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step loading thousands of messages writes its status meanwhile (HEARTBEAT), so
+    that the master does not expire the agent mid-step; here every load, with the beat at 0."""
+    monkeypatch.setattr(agent_module, "HEARTBEAT", 0.0)
+    writes: list[Any] = []
+    real = agent_module.write_json
+    monkeypatch.setattr(
+        agent_module, "write_json", lambda path, doc: writes.append(doc) or real(path, doc)
+    )
+    harness.publish(build_keyring(4))
+    commands = harness.step()
+    loads = sum(c.startswith("load") for c in commands)
+    assert loads == 9 and len(writes) == loads + 1
+    assert [w["keyring_serial"] for w in writes] == [None] * loads + [1]  # not yet applied
 
 
 def test_removing_a_peer_unloads_it(harness: Harness, charon: CharonProcess) -> None:
@@ -798,3 +818,28 @@ def wait_until(what: str, probe: Any, timeout: float = 10.0) -> None:
     while not probe():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def test_the_event_watcher_token_is_none_unsubscribed_and_new_per_subscription(
+    charon: CharonProcess,
+) -> None:
+    """What upkeep.SaUpkeep relies on to skip its list, against a real charon: no token
+    while unsubscribed (nothing vouched for), a new one per subscription (events may have
+    been missed between). Events changing it need established IKE_SAs: the UML mesh
+    (test_agent_mesh.py) shows that."""
+    from overlay_vici.agent.charon import EventWatcher
+
+    watcher = EventWatcher(charon.uri, poll=0.1)
+    assert watcher.sa_token() is None
+    stop = threading.Event()
+    thread = watcher.start(stop)
+    try:
+        wait_until("subscribed", lambda: watcher.sa_token() is not None)
+        first = watcher.sa_token()
+        charon.kill()
+        wait_until("the subscription to drop", lambda: watcher.sa_token() is None)
+        charon.start()
+        wait_until("subscribed again", lambda: watcher.sa_token() not in (None, first), 15)
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -8,6 +8,7 @@ import pytest
 
 from overlay_vici.agent.sa_plan import (
     INITIATE_BATCH,
+    LEAD_REAUTH_RATE,
     REAUTH_AFTER,
     REAUTH_POLL,
     REAUTH_RETRY,
@@ -51,8 +52,22 @@ def test_lower_ip_end_reauthenticates_after_its_jitter() -> None:
 def test_higher_ip_end_waits_the_grace_period_for_its_peer() -> None:
     now = SWITCH + 10
     assert decide([sa("1", "ov-low", SWITCH - 100, now)], now).reauthenticate == []
-    now = SWITCH + REAUTH_AFTER + 32
+    now = SWITCH + REAUTH_AFTER + 33  # jitter 2 + grace 30 + 2 peers' share 0.2
     assert len(decide([sa("1", "ov-low", SWITCH - 100, now)], now).reauthenticate) == 1
+
+
+def test_in_a_large_mesh_the_higher_end_waits_for_the_lower_ends_queue() -> None:
+    """The lowest-IP node of 1,000 needs about 100 s for its 999 reauthentications: a
+    higher end stepping in after 30 s would duplicate most of them."""
+    peers = {
+        **PEERS,
+        **{f"ov-n{i}": ip_address(f"10.2.{i // 200}.{i % 200 + 1}") for i in range(998)},
+    }
+    queue = len(peers) / LEAD_REAUTH_RATE
+    early = SWITCH + REAUTH_AFTER + 2 + 30 + queue - 1
+    for now, expected in ((early, 0), (early + 2, 1)):
+        stale = [sa("1", "ov-low", SWITCH - 100, now)]
+        assert len(plan_sas(stale, now, SWITCH, ME, peers, {}, TIMING).reauthenticate) == expected
 
 
 def test_only_one_reauthentication_per_connection_at_a_time() -> None:
@@ -229,9 +244,10 @@ def test_at_rest_only_with_one_settled_ike_sa_per_peer_and_nothing_due() -> None
 def test_reauthentications_share_the_batch_with_initiations() -> None:
     """After a switch the lowest-IP end has a stale IKE_SA with every peer: a batch a pass."""
     now = SWITCH + 60
-    peers = {f"ov-n{i:04}": ip_address(f"10.1.{i // 200}.{i % 200 + 1}") for i in range(100)}
+    count = INITIATE_BATCH + 36
+    peers = {f"ov-n{i:04}": ip_address(f"10.1.{i // 200}.{i % 200 + 1}") for i in range(count)}
     stale = [sa(str(i), conn, SWITCH - 50, now) for i, conn in enumerate(peers)]
     due = {"ov-new": now - 1}
     first = plan_sas(stale, now, SWITCH, ME, {**peers, "ov-new": HIGH}, {}, TIMING, due)
     assert first.initiate == ["ov-new"] and len(first.reauthenticate) == INITIATE_BATCH - 1
-    assert first.wait == 0.0 and len(first.stale) == 100
+    assert first.wait == 0.0 and len(first.stale) == count

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from keyring_fixtures import build_keyring
 
 from overlay_vici.agent.sa_plan import IkeSa
-from overlay_vici.agent.upkeep import AUDIT_RESYNCS, SaUpkeep
+from overlay_vici.agent.upkeep import AUDIT_RESYNCS, AUDIT_WATCHED, SaUpkeep
 from overlay_vici.core.contract import conn_name
 
 RESYNC = 30.0
@@ -72,3 +72,56 @@ def test_at_rest_the_ike_sas_are_still_audited_every_few_resyncs(monkeypatch) ->
     monkeypatch.setattr("overlay_vici.agent.upkeep.time.monotonic", lambda: later)
     upkeep.maintain(True, changed=False)
     assert table.lists == lists + 1
+
+
+@dataclass
+class Events:
+    """EventWatcher.sa_token as the upkeep reads it."""
+
+    token: tuple[int, int] | None = (1, 0)
+
+    def sa_token(self) -> tuple[int, int] | None:
+        return self.token
+
+
+def watched_upkeep(table: Table, events: Events) -> SaUpkeep:
+    upkeep = settled_upkeep(table)
+    upkeep.events = events  # type: ignore[assignment]
+    upkeep.maintain(True, changed=False)  # the first token differs from none: one list
+    return upkeep
+
+
+def test_an_sa_event_lists_again_though_the_counts_are_the_same() -> None:
+    """A peer's reauthentication replaces its IKE_SA: `stats` counts the same, the event
+    tells."""
+    table, events = Table(), Events()
+    upkeep = watched_upkeep(table, events)
+    lists = table.lists
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists
+    table.sas = [IkeSa("9", conn_name("node-1"), "ESTABLISHED", 5, ("c9",), True), table.sas[1]]
+    events.token = (1, 1)
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists + 1 and upkeep.sas[0].unique_id == "9"
+
+
+def test_with_events_the_audit_waits_longer_and_without_them_falls_back(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    table, events = Table(), Events()
+    upkeep = watched_upkeep(table, events)
+    lists = table.lists
+    later = upkeep._listed_at + AUDIT_RESYNCS * RESYNC
+    monkeypatch.setattr("overlay_vici.agent.upkeep.time.monotonic", lambda: later)
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists  # the event subscription vouches for the quiet
+    events.token = None  # the subscription dropped: nothing is vouched for
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists + 1
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists + 1  # back on `stats` and AUDIT_RESYNCS
+    events.token = (2, 0)  # subscribed again: events may have been missed meanwhile
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists + 2
+    much_later = later + AUDIT_WATCHED
+    monkeypatch.setattr("overlay_vici.agent.upkeep.time.monotonic", lambda: much_later)
+    upkeep.maintain(True, changed=False)
+    assert table.lists == lists + 3

@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overlay_vici.agent.charon import Charon, CharonCommandError, CharonUnavailable
+from overlay_vici.agent.charon import (
+    Charon,
+    CharonCommandError,
+    CharonUnavailable,
+    EventWatcher,
+)
 from overlay_vici.agent.conf_parts import OFF, ConfParts
 from overlay_vici.agent.netfilter import Guard, GuardError
 from overlay_vici.agent.plan import Command, Desired, plan
@@ -38,6 +43,10 @@ from overlay_vici.core.keyring import Keyring, KeyringError, loads, parse_ip
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
+# A step that loads thousands of messages (a key switch at N=1,000 took 17 s in the UML
+# guest, BENCHMARKS.md) writes its status this often meanwhile: the master expires an agent
+# silent for --agent-timeout and would finish a rotation without it.
+HEARTBEAT = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,9 @@ class StepReport:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, charon: Charon) -> None:
+    def __init__(
+        self, config: AgentConfig, charon: Charon, events: EventWatcher | None = None
+    ) -> None:
         self.config = config
         self.charon = charon
         self.desired: Accepted | None = None
@@ -100,6 +111,7 @@ class Agent:
         self._errors: list[str] = []
         self._reported: set[str] = set()
         self._backoff = BACKOFF_MIN
+        self._status_written = time.monotonic()
         self.conf_parts = ConfParts(config.settings, config.templates)
         previous = read_json(config.status_path) if config.status_path else None
         self.upkeep = SaUpkeep(
@@ -110,6 +122,7 @@ class Agent:
             config.reauth_grace,
             config.resync_seconds,
             previous or {},
+            events,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -265,7 +278,10 @@ class Agent:
             self.charon.loaded_shared(),
             self._sent_digests,
         )
-        failures = sum(not self._send(command) for command in commands)
+        failures = 0
+        for command in commands:
+            failures += not self._send(command)
+            self._heartbeat()
         self.upkeep.schedule_initiations(desired.target.initiated, loaded_conns, reconnected)
         if commands:
             log.info(
@@ -389,5 +405,11 @@ class Agent:
         }
 
     def _write_status(self) -> None:
+        self._status_written = time.monotonic()
         if self.config.status_path:
             write_json(self.config.status_path, self.status())
+
+    def _heartbeat(self) -> None:
+        """Within a long step: the status as of the last finished step, freshly dated."""
+        if time.monotonic() - self._status_written >= HEARTBEAT:
+            self._write_status()

@@ -151,6 +151,10 @@ class Charon:
 
 # What the metrics count from charon's events: rekeys, and its log (authentication failures).
 EVENTS = ("ike-rekey", "child-rekey", "log")
+# The events that change charon's IKE_SAs as the upkeep reads them (sa_plan.IkeSa): counted,
+# never decoded. A CHILD_SA rekey is not among them: at rest it changes nothing the planner
+# acts on, and at 1,000 peers one comes every few seconds.
+SA_EVENTS = ("ike-updown", "ike-rekey", "ike-update", "child-updown")
 
 
 class EventWatcher:
@@ -159,6 +163,9 @@ class EventWatcher:
     whenever charon is away; `connected` tells whether it is subscribed now. The agent's own
     session stays request/response only (the vici package is not thread-safe).
 
+    It also counts SA_EVENTS, always: `sa_token` changes whenever charon's IKE_SAs may have,
+    so that the upkeep lists them only then (upkeep.SaUpkeep._list).
+
     charon sends every log line of level 0 and 1 as a "log" event; with `log_filter`, only
     those whose raw message holds one of these byte strings are decoded and handed on, the
     rest are dropped unparsed (the agent shares its node's CPU with charon)."""
@@ -166,7 +173,7 @@ class EventWatcher:
     def __init__(
         self,
         uri: str,
-        handle: Callable[[str, dict[str, Any]], None],
+        handle: Callable[[str, dict[str, Any]], None] | None = None,
         events: tuple[str, ...] = EVENTS,
         log_filter: tuple[bytes, ...] | None = None,
         poll: float = 1.0,
@@ -180,6 +187,16 @@ class EventWatcher:
         self.poll = poll
         self.connected = False
         self.sessions = 0
+        self.sa_changes = 0
+
+    def sa_token(self) -> tuple[int, int] | None:
+        """Equal at two moments only if no SA event came between them (None: not subscribed,
+        so nothing is known). Events reach it within `poll` seconds."""
+        return (self.sessions, self.sa_changes) if self.connected else None
+
+    def _subscriptions(self) -> tuple[str, ...]:
+        handled = self.events if self.handle is not None else ()
+        return tuple(dict.fromkeys((*handled, *SA_EVENTS)))
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self.run, args=(stop,), name="vici-events", daemon=True)
@@ -193,10 +210,10 @@ class EventWatcher:
             try:
                 sock.connect(self.path)
                 transport = Transport(sock)
-                for name in self.events:
+                for name in self._subscriptions():
                     _register(transport, name)
-                self.connected = True
                 self.sessions += 1
+                self.connected = True
                 backoff = 0.5
                 self._listen(transport, stop)
             except Exception:  # charon away, or the session broke: subscribe again
@@ -236,6 +253,10 @@ class EventWatcher:
             return
         packet = Packet.parse(raw)
         name = _text(packet.event_type)
+        if name in SA_EVENTS:
+            self.sa_changes += 1
+        if self.handle is None or name not in self.events:
+            return
         if (
             name == "log"
             and self.log_filter is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from overlay_vici.core.contract import AGENT_METRICS_PORT
 from overlay_vici.core.options import add_log_level, add_metrics_port, stop_event
 
 if TYPE_CHECKING:
+    from overlay_vici.agent.charon import EventWatcher
     from overlay_vici.agent.netfilter import Guard
 
 
@@ -143,8 +143,9 @@ def _add_agent_command(commands: argparse._SubParsersAction) -> None:  # type: i
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="the higher-IP end of a pair reauthenticates this long after the lower end was "
-        "due, in case the lower end's agent is down (default %(default)s)",
+        help="the higher-IP end of a pair reauthenticates this long, plus 0.1 s per node (the "
+        "lower end's queue), after the lower end was due, in case the lower end's agent is "
+        "down (default %(default)s)",
     )
     agent.add_argument(
         "--no-guard",
@@ -333,7 +334,7 @@ def _install_guard(args: argparse.Namespace, guard: Guard) -> bool:
 
 def _agent(args: argparse.Namespace) -> int:
     from overlay_vici.agent.agent import Agent, AgentConfig
-    from overlay_vici.agent.charon import Charon
+    from overlay_vici.agent.charon import Charon, EventWatcher
     from overlay_vici.agent.netfilter import Guard
 
     log.setup(args.log_level)
@@ -355,23 +356,22 @@ def _agent(args: argparse.Namespace) -> int:
     from overlay_vici.agent.mtu import log_check
 
     log_check()  # warns once if tunl0's MTU is too large for IPsec
+    events = EventWatcher(args.vici)
     if args.metrics_port:
-        config = dataclasses.replace(config, on_step=_agent_metrics(args, stop))
-    Agent(config, Charon(args.vici)).run(stop)
+        config = dataclasses.replace(config, on_step=_agent_metrics(args, events))
+    events.start(stop)
+    Agent(config, Charon(args.vici), events).run(stop)
     log.info("agent stopped", node=args.node)
     return 0
 
 
-def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ignore[no-untyped-def]
-    """/metrics and /healthz, and the VICI event subscription they count from."""
+def _agent_metrics(args: argparse.Namespace, events: EventWatcher):  # type: ignore[no-untyped-def]
+    """/metrics and /healthz, fed also by the VICI event subscription (not started yet)."""
     from overlay_vici.agent import metrics
-    from overlay_vici.agent.charon import EventWatcher
     from overlay_vici.core.metrics import start
 
     agent_metrics = metrics.AgentMetrics(args.resync)
-    agent_metrics.events = EventWatcher(
-        args.vici, agent_metrics.on_event, log_filter=metrics.AUTH_LOG_MARKERS
-    )
-    agent_metrics.events.start(stop)
+    events.handle, events.log_filter = agent_metrics.on_event, metrics.AUTH_LOG_MARKERS
+    agent_metrics.events = events
     start(args.metrics_port, agent_metrics.registry, agent_metrics.health, "agent")
     return agent_metrics.observe

@@ -34,9 +34,16 @@ INITIATE_GRACE = 2.0
 # At most this many initiations, reauthentications included, per pass, the next pass at
 # once: charon builds each IKE_SA_INIT before it answers `initiate`, and the cost grows
 # with the IKE_SAs it holds (about 1 ms each at 1,000), so a lowest-IP node's 999 in one
-# pass would block the agent for seconds, with no status and no look at the Secret
-# meanwhile (BENCHMARKS.md).
-INITIATE_BATCH = 64
+# pass would block the agent for seconds, with no look at the Secret meanwhile. Not fewer:
+# every pass lists charon's IKE_SAs, which at 1,000 costs charon about as much CPU as a few
+# hundred initiations; with 64 a pass, establishing 999 peers took 49 s in the UML guest
+# against 30 s in one burst (BENCHMARKS.md).
+INITIATE_BATCH = 256
+# The lower-IP end reauthenticates its stale IKE_SAs at charon's pace, a batch a pass: the
+# lowest-IP node of 1,000 took 60-113 s for its 999 in the UML guest (BENCHMARKS.md), about
+# 10 a second. The other end waits a peer's share of that on top of --reauth-grace, so that
+# it steps in for a lower end that is down, not for one still working through its queue.
+LEAD_REAUTH_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,7 @@ def plan_sas(
             # the stale one. Stepping in now would make a duplicate.
             result.wait = min(result.wait, REAUTH_POLL)
         elif stale:
-            _plan_reauth(result, stale, now, sent_since, leads, issued, timing)
+            _plan_reauth(result, stale, now, sent_since, leads, issued, timing, len(peer_ips))
         elif len(group) > 1 and leads:
             keep = min(group, key=lambda sa: (not sa.initiator, sa.established_ago))
             result.terminate += [sa for sa in group if sa is not keep]
@@ -205,8 +212,10 @@ def _plan_reauth(
     leads: bool,
     issued: dict[str, float],
     timing: Timing,
+    peers: int,
 ) -> None:
-    due = sent_since + REAUTH_AFTER + timing.reauth_delay + (0 if leads else timing.reauth_grace)
+    grace = 0.0 if leads else timing.reauth_grace + peers / LEAD_REAUTH_RATE
+    due = sent_since + REAUTH_AFTER + timing.reauth_delay + grace
     pending = any(now - issued.get(sa.unique_id, -REAUTH_RETRY) < REAUTH_RETRY for sa in stale)
     if pending or now < due:
         result.wait = min(result.wait, max(due - now, REAUTH_POLL))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
-from overlay_vici.agent.charon import Charon, CharonCommandError
+from overlay_vici.agent.charon import Charon, CharonCommandError, EventWatcher
 from overlay_vici.agent.plan import child_name
 from overlay_vici.agent.render import is_owned_conn
 from overlay_vici.agent.sa_plan import (
@@ -36,9 +36,13 @@ OFF_SETTLE = 2.0
 
 Fail = Callable[..., None]  # (event, message, **fields): record and log once
 # At rest (sa_plan.at_rest), charon's IKE_SAs are listed again only when `stats` counts
-# other numbers, when the agent changed something, or every this many resyncs: a list of
-# 1,000 established IKE_SAs costs tens of milliseconds, `stats` well under one.
+# other numbers, when the agent changed something, when charon sent an SA event
+# (EventWatcher.sa_token), or as an audit: every this many resyncs without the event
+# subscription, every AUDIT_WATCHED seconds with it (in case an event was lost). A list of
+# 1,000 established IKE_SAs costs charon about a second of CPU in the UML guest, `stats`
+# well under a millisecond (BENCHMARKS.md).
 AUDIT_RESYNCS = 4
+AUDIT_WATCHED = 600.0
 
 
 class SaUpkeep:
@@ -54,9 +58,11 @@ class SaUpkeep:
         reauth_grace: float,
         resync: float,
         previous: Mapping[str, Any],
+        events: EventWatcher | None = None,
     ) -> None:
         self.node = node
         self.charon = charon
+        self.events = events
         self.fail = fail
         self.resync = resync
         self.previous = previous  # the status report a former agent left
@@ -75,6 +81,7 @@ class SaUpkeep:
         self._peer_ips: dict[str, IPv4Address | IPv6Address] = {}
         self._rest = False  # the last plan found nothing to do (sa_plan.at_rest)
         self._counts: tuple[int, int] | None = None  # charon's `stats` at the last list
+        self._token: tuple[int, int] | None = None  # EventWatcher.sa_token at the last list
         self._listed_at = 0.0  # time.monotonic() of the last list
         self._own_ip: IPv4Address | IPv6Address = ip_address("0.0.0.0")
         self._timing = Timing(
@@ -188,16 +195,20 @@ class SaUpkeep:
         returns whether it did."""
         now = time.monotonic()
         counts = self.charon.ike_sa_count()
+        # Taken before the list: an event during it makes the next pass list again.
+        token = self.events.sa_token() if self.events else None
+        audit = AUDIT_RESYNCS * self.resync if token is None else AUDIT_WATCHED
         if (
             self._rest
             and not changed
             and not self._initiate_due
             and counts == self._counts
-            and now < self._listed_at + AUDIT_RESYNCS * self.resync
+            and token == self._token
+            and now < self._listed_at + audit
         ):
             return False
         self.sas = self._owned_sas()
-        self._counts, self._listed_at = counts, now
+        self._counts, self._token, self._listed_at = counts, token, now
         return True
 
     def close_all(self, since: float | None) -> float:

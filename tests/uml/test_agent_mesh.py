@@ -121,6 +121,36 @@ def ike_sa_ids(node: Node) -> set[str]:
     return set(re.findall(r"^\S+: #(\d+),", "".join(sa_blocks(node).values()), re.M))
 
 
+def test_a_peers_rekey_changes_the_sa_token_the_upkeep_trusts(cluster3: Cluster) -> None:
+    """At rest the agent lists its IKE_SAs again only when `stats` or an SA event says they
+    changed (upkeep.SaUpkeep._list). An IKE_SA rekey keeps every count: the event must tell,
+    and a quiet mesh must not."""
+    import threading
+
+    from overlay_vici.agent.charon import EventWatcher
+
+    node, peer = cluster3.mesh.nodes[0], cluster3.mesh.nodes[1]
+    watcher = EventWatcher(f"unix://{node.vici_socket}", poll=0.1)
+    stop = threading.Event()
+    thread = watcher.start(stop)
+    try:
+        wait_for("subscribed", lambda: watcher.sa_token() is not None)
+
+        def quiet_for_three_seconds() -> tuple[int, int] | None:
+            token = watcher.sa_token()
+            time.sleep(3)
+            return token if token == watcher.sa_token() else None
+
+        quiet = wait_for("the mesh to settle (no SA event for 3 s)", quiet_for_three_seconds)
+        count = len(sa_blocks(node))
+        peer.swanctl("--rekey", "--ike", conn_name(node.name))
+        wait_for("the rekey's event", lambda: watcher.sa_token() != quiet, timeout=10)
+        assert len(sa_blocks(node)) == count
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def test_generation_switch_reauthenticates_without_loss(cluster3: Cluster) -> None:
     """stage -> switch -> retire with traffic flowing: every IKE_SA is replaced, no ping lost."""
     mesh = cluster3.mesh
