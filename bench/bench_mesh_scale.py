@@ -692,7 +692,7 @@ def host_main(args: argparse.Namespace) -> int:
             args.workdir,
         ]
         for extra in args.agent_arg:
-            command += ["--agent-arg", extra]
+            command.append(f"--agent-arg={extra}")  # a value may start with --
         if args.up_timeout:
             command += ["--up-timeout", str(args.up_timeout)]
         if args.rotation_timeout:

@@ -198,15 +198,18 @@ class SaUpkeep:
         # Taken before the list: an event during it makes the next pass list again.
         token = self.events.sa_token() if self.events else None
         audit = AUDIT_RESYNCS * self.resync if token is None else AUDIT_WATCHED
-        if (
-            self._rest
-            and not changed
-            and not self._initiate_due
-            and counts == self._counts
-            and token == self._token
-            and now < self._listed_at + audit
-        ):
+        reasons = {
+            "busy": not self._rest,
+            "changed": changed,
+            "initiations due": bool(self._initiate_due),
+            "counts": counts != self._counts,
+            "event": token != self._token,
+            "audit": now >= self._listed_at + audit,
+        }
+        why = [reason for reason, holds in reasons.items() if holds]
+        if not why:
             return False
+        log.debug("listing IKE_SAs", node=self.node, why=why)
         self.sas = self._owned_sas()
         self._counts, self._token, self._listed_at = counts, token, now
         return True

@@ -34,6 +34,10 @@ def setup(level: str = "info") -> None:
     _logger.propagate = False
 
 
+def debug(event: str, **fields: Any) -> None:
+    _logger.debug(event, extra={"fields": fields})
+
+
 def info(event: str, **fields: Any) -> None:
     _logger.info(event, extra={"fields": fields})
 
