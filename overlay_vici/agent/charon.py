@@ -20,6 +20,7 @@ from vici.protocol import Message, Packet, Transport
 from overlay_vici.agent.plan import initiate_message
 from overlay_vici.agent.sa_plan import IkeSa
 from overlay_vici.agent.sa_wire import MalformedEvent, decode_list_sa
+from overlay_vici.core import log
 
 T = TypeVar("T")
 
@@ -167,8 +168,11 @@ class EventWatcher:
     whenever charon is away; `connected` tells whether it is subscribed now. The agent's own
     session stays request/response only (the vici package is not thread-safe).
 
-    It also counts SA_EVENTS, always: `sa_token` changes whenever charon's IKE_SAs may have,
-    so that the upkeep lists them only then (upkeep.SaUpkeep._list).
+    Without `handle`, it subscribes to SA_EVENTS only and counts them: `sa_token` changes
+    whenever charon's IKE_SAs may have, so that the upkeep lists them only then
+    (upkeep.SaUpkeep._list). A session of its own: charon delivers a session's events in
+    order, one write at a time, and behind the log lines of 300 peers coming up (about 20
+    each) the SA events arrived 40 s late in the UML guest.
 
     charon sends every log line of level 0 and 1 as a "log" event; with `log_filter`, only
     those whose raw message holds one of these byte strings are decoded and handed on, the
@@ -199,8 +203,7 @@ class EventWatcher:
         return (self.sessions, self.sa_changes) if self.connected else None
 
     def _subscriptions(self) -> tuple[str, ...]:
-        handled = self.events if self.handle is not None else ()
-        return tuple(dict.fromkeys((*handled, *SA_EVENTS)))
+        return self.events if self.handle is not None else SA_EVENTS
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self.run, args=(stop,), name="vici-events", daemon=True)
@@ -220,8 +223,12 @@ class EventWatcher:
                 self.connected = True
                 backoff = 0.5
                 self._listen(transport, stop)
-            except Exception:  # charon away, or the session broke: subscribe again
-                pass
+            except Exception as exc:  # charon away, or the session broke: subscribe again
+                if self.connected:
+                    log.warning(
+                        "VICI event session dropped, subscribing again",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
             finally:
                 self.connected = False
                 with contextlib.suppress(OSError):

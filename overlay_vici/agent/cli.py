@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,6 @@ from overlay_vici.core.contract import AGENT_METRICS_PORT
 from overlay_vici.core.options import add_log_level, add_metrics_port, stop_event
 
 if TYPE_CHECKING:
-    from overlay_vici.agent.charon import EventWatcher
     from overlay_vici.agent.netfilter import Guard
 
 
@@ -356,22 +356,25 @@ def _agent(args: argparse.Namespace) -> int:
     from overlay_vici.agent.mtu import log_check
 
     log_check()  # warns once if tunl0's MTU is too large for IPsec
-    events = EventWatcher(args.vici)
     if args.metrics_port:
-        config = dataclasses.replace(config, on_step=_agent_metrics(args, events))
-    events.start(stop)
-    Agent(config, Charon(args.vici), events).run(stop)
+        config = dataclasses.replace(config, on_step=_agent_metrics(args, stop))
+    sa_events = EventWatcher(args.vici)
+    sa_events.start(stop)
+    Agent(config, Charon(args.vici), sa_events).run(stop)
     log.info("agent stopped", node=args.node)
     return 0
 
 
-def _agent_metrics(args: argparse.Namespace, events: EventWatcher):  # type: ignore[no-untyped-def]
-    """/metrics and /healthz, fed also by the VICI event subscription (not started yet)."""
+def _agent_metrics(args: argparse.Namespace, stop: threading.Event):  # type: ignore[no-untyped-def]
+    """/metrics and /healthz, and the VICI event subscription they count from."""
     from overlay_vici.agent import metrics
+    from overlay_vici.agent.charon import EventWatcher
     from overlay_vici.core.metrics import start
 
     agent_metrics = metrics.AgentMetrics(args.resync)
-    events.handle, events.log_filter = agent_metrics.on_event, metrics.AUTH_LOG_MARKERS
-    agent_metrics.events = events
+    agent_metrics.events = EventWatcher(
+        args.vici, agent_metrics.on_event, log_filter=metrics.AUTH_LOG_MARKERS
+    )
+    agent_metrics.events.start(stop)
     start(args.metrics_port, agent_metrics.registry, agent_metrics.health, "agent")
     return agent_metrics.observe
