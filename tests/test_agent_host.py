@@ -277,6 +277,29 @@ def test_a_long_step_keeps_its_status_fresh(
     assert [w["keyring_serial"] for w in writes] == [None] * loads + [1]  # not yet applied
 
 
+def test_after_a_charon_restart_the_heartbeat_reports_none_of_the_old_sas(
+    harness: Harness, charon: CharonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload after a restart is a long step at 1,000 peers; the status it writes
+    meanwhile must not show the dead charon's IKE_SAs (the UML bench at N=1000 once read
+    "999 up" 10 s after a SIGKILL while the new charon held about 30)."""
+    harness.publish(build_keyring(4))  # node-0 has the lowest IP: it initiates all three
+    for _ in range(3):
+        harness.step()
+    assert harness.status_doc()["ike_sas"] == 3
+    charon.kill()
+    charon.start()
+    monkeypatch.setattr(agent_module, "HEARTBEAT", 0.0)
+    writes: list[Any] = []
+    real = agent_module.write_json
+    monkeypatch.setattr(
+        agent_module, "write_json", lambda path, doc: writes.append(doc) or real(path, doc)
+    )
+    harness.step()
+    during = writes[:-1]  # the heartbeats, one per load
+    assert during and all(w["ike_sas"] == 0 and w["peers_up"] == 0 for w in during)
+
+
 def test_removing_a_peer_unloads_it(harness: Harness, charon: CharonProcess) -> None:
     """A peer gone from the keyring loses its conn and keys; nothing else is touched."""
     harness.publish(build_keyring(6))

@@ -272,6 +272,7 @@ class Agent:
                 log.warning("reconnected to charon, verifying everything", node=self.config.node)
             self._sent_digests.clear()
             self._charon_session = self.charon.sessions
+            self.upkeep.forget_sas()
         commands = plan(
             desired.target,
             loaded_conns,

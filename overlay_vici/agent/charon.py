@@ -227,6 +227,7 @@ class EventWatcher:
                 if self.connected:
                     log.warning(
                         "VICI event session dropped, subscribing again",
+                        socket=self.path,
                         error=f"{type(exc).__name__}: {exc}",
                     )
             finally:

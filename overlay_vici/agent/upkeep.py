@@ -118,6 +118,12 @@ class SaUpkeep:
         own = keyring.peer(self.node)
         self._own_ip = parse_ip(own.ip if own else "0.0.0.0")
 
+    def forget_sas(self) -> None:
+        """A new VICI session may face a new charon: the IKE_SAs listed were the old one's.
+        None is known until the next list, so a status written meanwhile (the agent's
+        heartbeat during a long reload) reports none up rather than the old charon's."""
+        self.sas, self.stale, self._counts = [], [], None
+
     def schedule_initiations(
         self, initiated: frozenset[str], loaded_conns: set[str], reconnected: bool
     ) -> None:
