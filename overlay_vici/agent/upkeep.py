@@ -197,8 +197,8 @@ class SaUpkeep:
         return decided.wait
 
     def _list(self, changed: bool) -> bool:
-        """Read charon's IKE_SAs into `sas` unless at rest and unchanged (AUDIT_RESYNCS);
-        returns whether it did."""
+        """Read charon's IKE_SAs into `sas` unless at rest and unchanged (see AUDIT_RESYNCS
+        and AUDIT_WATCHED); returns whether it did."""
         now = time.monotonic()
         counts = self.charon.ike_sa_count()
         # Taken before the list: an event during it makes the next pass list again.
