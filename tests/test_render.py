@@ -19,7 +19,7 @@ from overlay_vici.agent.render import (
     swanctl_conf,
 )
 from overlay_vici.agent.swanctl_conf import parse_settings, to_messages
-from overlay_vici.core.keyring import pair_psk
+from overlay_vici.core.keyring import Peer, pair_psk, psk_for
 
 
 def rendered(peers: int = 4, node: str = "node-1", **settings: str) -> dict[str, Any]:
@@ -273,11 +273,11 @@ def test_a_keyring_change_derives_only_the_new_pairs_keys(monkeypatch: pytest.Mo
 
     derived: list[tuple[int, str]] = []
 
-    def counting(gen: Any, ip_a: str, ip_b: str) -> bytes:
-        derived.append((gen.id, ip_b))
-        return pair_psk(gen, ip_a, ip_b)
+    def counting(gen: Any, node: Peer, peer: Peer, own: Any) -> bytes | None:
+        derived.append((gen.id, peer.ip))
+        return psk_for(gen, node, peer, own)
 
-    monkeypatch.setattr(render, "pair_psk", counting)
+    monkeypatch.setattr(render, "psk_for", counting)
     render._psk_cache.clear()
     swanctl_conf(build_keyring(5, generations=(1, 2)), "node-0", Settings())
     assert len(derived) == 8  # 4 peers x 2 generations
@@ -288,7 +288,7 @@ def test_a_keyring_change_derives_only_the_new_pairs_keys(monkeypatch: pytest.Mo
     keyring = build_keyring(6, generations=(2, 3), sent=3)
     text = swanctl_conf(keyring, "node-0", Settings())
     assert sorted(derived) == [(3, node_ip(i)) for i in range(1, 6)]
-    assert {key[0] for key in render._psk_cache} == {2, 3}  # generation 1 is gone
+    assert {key[0].id for key in render._psk_cache} == {2, 3}  # generation 1 is gone
     node = keyring.peers[0]
     for peer in keyring.peers[1:]:
         for gen in keyring.generations:

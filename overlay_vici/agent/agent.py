@@ -15,6 +15,7 @@ keyring says.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,16 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from overlay_vici.agent.charon import (
     Charon,
     CharonCommandError,
     CharonUnavailable,
     EventWatcher,
 )
-from overlay_vici.agent.conf_parts import OFF, ConfParts
+from overlay_vici.agent.conf_parts import OFF, Conf, ConfParts
 from overlay_vici.agent.netfilter import Guard, GuardError
 from overlay_vici.agent.plan import Command, Desired, plan
-from overlay_vici.agent.render import Settings, SettingsError, local_node
+from overlay_vici.agent.render import Settings, SettingsError, keyed_peers, local_node
 from overlay_vici.agent.sa_plan import IkeSa, lower_ip_leads
 from overlay_vici.agent.secret import SecretWatcher, read_keyring_bytes
 from overlay_vici.agent.swanctl_conf import SwanctlSyntaxError
@@ -39,7 +42,7 @@ from overlay_vici.agent.upkeep import SaUpkeep
 from overlay_vici.core import log
 from overlay_vici.core.contract import StatusReport, conn_name, notice_at
 from overlay_vici.core.files import read_json, write_atomic, write_json
-from overlay_vici.core.keyring import Keyring, KeyringError, loads, parse_ip
+from overlay_vici.core.keyring import Keyring, KeyringError, loads, parse_ip, public_bytes
 
 # Retrying a local socket connect costs nothing: a restarted charon is reloaded within 2 s.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 2.0
@@ -68,6 +71,8 @@ class AgentConfig:
     removal_notice: Path | None = None
     # Called after every step with its report and duration (the metrics).
     on_step: Callable[[StepReport, float], None] | None = None
+    # This node's private key (agent/node_key.py), for generations with node keys.
+    node_key: X25519PrivateKey | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,9 @@ class Agent:
         self._backoff = BACKOFF_MIN
         self._status_written = time.monotonic()
         self.conf_parts = ConfParts(config.settings, config.templates)
+        self.unkeyed = 0  # peers with no connection for want of a public key
+        own = config.node_key
+        self.public_key = base64.b64encode(public_bytes(own)).decode() if own else None
         previous = read_json(config.status_path) if config.status_path else None
         self.upkeep = SaUpkeep(
             config.node,
@@ -207,7 +215,9 @@ class Agent:
             mode = self._mode(keyring)
             conf = OFF
             if mode != "off":
-                conf = self.conf_parts.build(keyring, self.config.node, enforce=mode == "on")
+                conf = self.conf_parts.build(
+                    keyring, self.config.node, mode == "on", self.config.node_key
+                )
         except (KeyringError, LookupError, SettingsError, SwanctlSyntaxError) as exc:
             kept = (
                 f"keeping keyring serial {self.desired.keyring.serial}"
@@ -218,7 +228,7 @@ class Agent:
             return
         if self.config.conf_out:
             write_atomic(self.config.conf_out, conf.text, 0o600)
-        initiated = self._initiated(keyring) if mode != "off" else frozenset()
+        initiated = self._initiated(keyring, conf) if mode != "off" else frozenset()
         target = Desired.of(conf.messages, initiated, keep_sas=mode == "off", digests=conf.digests)
         self.desired = Accepted(raw, keyring, mode, target)
         log.info(
@@ -231,6 +241,35 @@ class Agent:
             encryption=mode,
             switch_at=keyring.encryption.at,
         )
+        self._note_unkeyed(keyring, mode)
+
+    def _note_unkeyed(self, keyring: Keyring, mode: str) -> None:
+        """Say why peers get no connection: this node's public key, or theirs, is not in
+        the keyring yet (the master publishes what the agents report)."""
+        self.unkeyed = 0
+        if mode == "off":
+            return
+        node = local_node(keyring, self.config.node)
+        _, unkeyed = keyed_peers(keyring, node, self.config.node_key)
+        self.unkeyed = len(unkeyed)
+        if not unkeyed:
+            return
+        own = self.config.node_key
+        if own is None or node.pub != public_bytes(own):
+            log.warning(
+                "waiting for the master to publish this node's public key",
+                node=self.config.node,
+                peers=len(unkeyed),
+                next_step="check that report-lease runs and the master reads its Lease",
+            )
+        else:
+            log.warning(
+                "peers without a public key get no connection yet",
+                node=self.config.node,
+                peers=[p.name for p in unkeyed[:10]],
+                count=len(unkeyed),
+                next_step="their agents have not reported yet; see overlay-vici status",
+            )
 
     def _note_removal(self) -> None:
         if self.config.removal_notice is None:
@@ -251,14 +290,17 @@ class Agent:
             return "off"
         return keyring.mode_for(self.config.node, time.time())
 
-    def _initiated(self, keyring: Keyring) -> frozenset[str]:
+    def _initiated(self, keyring: Keyring, conf: Conf) -> frozenset[str]:
         """Connections this node brings up as soon as they load: those to higher IPs.
 
         SAs then exist before traffic needs them, and the two ends rarely both initiate.
         """
         own = parse_ip(local_node(keyring, self.config.node).ip)
         return frozenset(
-            conn_name(p.name) for p in keyring.peers if lower_ip_leads(own, parse_ip(p.ip))
+            conn
+            for p in keyring.peers
+            if lower_ip_leads(own, parse_ip(p.ip))
+            and (conn := conn_name(p.name)) in conf.messages.conns
         )
 
     def _sync(self, desired: Accepted) -> float:
@@ -383,6 +425,8 @@ class Agent:
             "switch_at": applied.encryption.at if applied else None,
             "removed_at": self.removed_at,
             "peers_expected": len(self.desired.target.messages.conns) if self.desired else 0,
+            "peers_without_key": self.unkeyed,
+            "public_key": self.public_key,
             "peers_up": len(up),
             "ike_sas": len(sas),
             "stale_ike_sas": len(stale),

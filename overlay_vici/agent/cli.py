@@ -17,6 +17,8 @@ from overlay_vici.core.contract import AGENT_METRICS_PORT
 from overlay_vici.core.options import add_log_level, add_metrics_port, stop_event
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     from overlay_vici.agent.netfilter import Guard
 
 
@@ -165,9 +167,23 @@ def _add_agent_command(commands: argparse._SubParsersAction) -> None:  # type: i
         help="switch this node off while this file exists: report-lease writes it when the "
         "agent DaemonSet is deleted (kubectl delete -f), never on a rolling update",
     )
+    _add_node_key(agent, "made on first start (mode 0600) and kept")
     add_log_level(agent)
     add_metrics_port(agent, AGENT_METRICS_PORT)
     _add_settings(agent)
+
+
+def _add_node_key(parser: argparse.ArgumentParser, made: str) -> None:
+    from overlay_vici.agent.node_key import DEFAULT_PATH
+
+    parser.add_argument(
+        "--node-key",
+        type=Path,
+        default=DEFAULT_PATH,
+        metavar="FILE",
+        help=f"this node's X25519 private key, {made}: the PSKs of generations with node "
+        "keys need it, and only its public key leaves the node (default %(default)s)",
+    )
 
 
 def _add_render_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -182,6 +198,7 @@ def _add_render_command(commands: argparse._SubParsersAction) -> None:  # type: 
     swanctl = targets.add_parser("swanctl", help="swanctl.conf the agent would load (holds keys)")
     swanctl.add_argument("--node", required=True)
     swanctl.add_argument("--keys", required=True, type=Path, metavar="DIR")
+    _add_node_key(swanctl, "read if it exists")
     _add_settings(swanctl)
 
 
@@ -279,10 +296,12 @@ def _render(args: argparse.Namespace) -> int:
     if args.target == "strongswan":
         print(strongswan_conf(args.vici_socket, args.log_file, args.templates), end="")
         return 0
+    from overlay_vici.agent.node_key import read
     from overlay_vici.agent.secret import read_keyring
 
     keyring = read_keyring(args.keys)
-    print(swanctl_conf(keyring, args.node, settings(args), args.templates), end="")
+    own = read(args.node_key)
+    print(swanctl_conf(keyring, args.node, settings(args), args.templates, own=own), end="")
     return 0
 
 
@@ -332,6 +351,16 @@ def _install_guard(args: argparse.Namespace, guard: Guard) -> bool:
     return True
 
 
+def _node_key(args: argparse.Namespace) -> X25519PrivateKey:
+    from overlay_vici.agent.node_key import load_or_create
+
+    key, made = load_or_create(args.node_key)
+    log.info(
+        "node key made" if made else "node key loaded", node=args.node, file=str(args.node_key)
+    )
+    return key
+
+
 def _agent(args: argparse.Namespace) -> int:
     from overlay_vici.agent.agent import Agent, AgentConfig
     from overlay_vici.agent.charon import Charon, EventWatcher
@@ -350,6 +379,7 @@ def _agent(args: argparse.Namespace) -> int:
         reauth_grace=args.reauth_grace,
         guard=None if args.no_guard else Guard(args.node, args.iptables_backend),
         removal_notice=args.removal_notice,
+        node_key=_node_key(args),
     )
     stop = stop_event()
     log.info("agent starting", node=args.node, keys=str(args.keys), vici=args.vici)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from overlay_vici.agent.plan import digest
 from overlay_vici.agent.render import Settings, parts, swanctl_template
 from overlay_vici.agent.swanctl_conf import Messages, SwanctlSyntaxError, to_messages
@@ -40,8 +42,10 @@ class ConfParts:
         self._shared: tuple[Any, ...] | None = None
         self._built: dict[tuple[Any, ...], Conf] = {}
 
-    def build(self, keyring: Keyring, node_name: str, enforce: bool) -> Conf:
-        wanted = parts(keyring, node_name, self.settings, enforce)
+    def build(
+        self, keyring: Keyring, node_name: str, enforce: bool, own: X25519PrivateKey | None = None
+    ) -> Conf:
+        wanted = parts(keyring, node_name, self.settings, enforce, own)
         if wanted.shared != self._shared:  # every part changes
             self._shared, self._built = wanted.shared, {}
         template, common = swanctl_template(self.templates), wanted.common

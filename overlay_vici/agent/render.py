@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from overlay_vici.agent.sa_plan import lower_ip_leads
 from overlay_vici.core.contract import CONN_PREFIX, conn_name
-from overlay_vici.core.keyring import Generation, Keyring, Peer, pair_psk, parse_ip
+from overlay_vici.core.keyring import Generation, Keyring, Peer, parse_ip, psk_for, public_bytes
 from overlay_vici.core.options import seconds
 
 
@@ -113,29 +114,49 @@ def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
     return [node.ip, peer.ip] if sent else [peer.ip]
 
 
-# The per-pair PSKs of the last render, by (generation id, generation key, node ip, peer ip):
-# a keyring change re-derives only the keys of new peers or generations (HKDF was 18 % of a
-# one-peer change at N=1000, BENCHMARKS.md). Replaced by what each render used, so that it
-# never holds a retired generation's keys for longer than one render.
-_psk_cache: dict[tuple[int, bytes, str, str], str] = {}
+# The per-pair PSKs of the last render, by (generation, node, peer, own public key): a
+# keyring change re-derives only the keys of new peers, public keys or generations (HKDF
+# was 18 % of a one-peer change at N=1000, BENCHMARKS.md). Replaced by what each render
+# used, so that it never holds a retired generation's keys for longer than one render.
+PskKey = tuple[Generation, Peer, Peer, bytes | None]
+_psk_cache: dict[PskKey, str | None] = {}
 
 
 def _cached_psks(
-    keyring: Keyring, node: Peer, peers: list[Peer]
-) -> dict[tuple[int, bytes, str, str], str]:
-    """Every (generation, peer) PSK this render needs, in hex; derived only when new."""
-    used = {}
+    keyring: Keyring, node: Peer, peers: list[Peer], own: X25519PrivateKey | None
+) -> dict[tuple[Generation, Peer], str | None]:
+    """Every (generation, peer) PSK this render needs, in hex (None: the pair has none in
+    that generation); derived only when new."""
+    own_pub = public_bytes(own) if own is not None else None
+    used: dict[PskKey, str | None] = {}
     for peer in peers:
         for gen in keyring.generations:
-            key = (gen.id, gen.key, node.ip, peer.ip)
-            used[key] = _psk_cache.get(key) or _derive(gen, node, peer)
+            key = (gen, node, peer, own_pub)
+            used[key] = _psk_cache[key] if key in _psk_cache else _derive(gen, node, peer, own)
     _psk_cache.clear()
     _psk_cache.update(used)
-    return used
+    return {(gen, peer): psk for (gen, _, peer, _), psk in used.items()}
 
 
-def _derive(gen: Generation, node: Peer, peer: Peer) -> str:
-    return pair_psk(gen, node.ip, peer.ip).hex()
+def _derive(gen: Generation, node: Peer, peer: Peer, own: X25519PrivateKey | None) -> str | None:
+    psk = psk_for(gen, node, peer, own)
+    return psk.hex() if psk is not None else None
+
+
+def keyed_peers(
+    keyring: Keyring, node: Peer, own: X25519PrivateKey | None
+) -> tuple[list[Peer], list[Peer]]:
+    """The peers this node holds a sent-generation PSK with, and those it cannot (a
+    generation with node keys, and the peer's public key or this node's is not published
+    yet): those get no connection, so their IPIP stays with the guard, dropped."""
+    sent = keyring.generation(keyring.sent)
+    others = [peer for peer in keyring.peers if peer.name != node.name]
+    if not sent.node_keys:
+        return others, []
+    if own is None or node.pub != public_bytes(own):
+        return [], others
+    keyed = [peer for peer in others if peer.pub is not None]
+    return keyed, [peer for peer in others if peer.pub is None]
 
 
 @lru_cache(maxsize=8)
@@ -220,13 +241,20 @@ def swanctl_template(templates: Path | None = None) -> jinja2.Template:
     return _environment(templates).get_template("swanctl.conf.j2")
 
 
-def parts(keyring: Keyring, node_name: str, settings: Settings, enforce: bool = True) -> Parts:
+def parts(
+    keyring: Keyring,
+    node_name: str,
+    settings: Settings,
+    enforce: bool = True,
+    own: X25519PrivateKey | None = None,
+) -> Parts:
     """swanctl.conf for one node, a part per peer (one part with no peer if it has none).
     `enforce` False: connections that answer the peers but trap nothing (the switch's
-    prepare step), so that no policy exists until the switch."""
+    prepare step), so that no policy exists until the switch. `own`: this node's private
+    key, for generations with node keys."""
     node = local_node(keyring, node_name)
-    others = [peer for peer in keyring.peers if peer.name != node.name]
-    psks = _cached_psks(keyring, node, others)
+    others, _ = keyed_peers(keyring, node, own)
+    psks = _cached_psks(keyring, node, others, own)
     shared = (node, settings, ike_rand_time(settings, keyring), enforce)
     if not others:
         return Parts(shared, [Part(True, None, 0, ())])
@@ -239,9 +267,10 @@ def parts(keyring: Keyring, node_name: str, settings: Settings, enforce: bool = 
                 (
                     secret_id(peer.name, gen.id),
                     tuple(owners(node, peer, gen.id == keyring.sent)),
-                    psks[(gen.id, gen.key, node.ip, peer.ip)],
+                    psk,
                 )
                 for gen in keyring.generations
+                if (psk := psks[(gen, peer)]) is not None
             ),
         )
         for index, peer in enumerate(others)
@@ -255,11 +284,12 @@ def swanctl_conf(
     settings: Settings,
     templates: Path | None = None,
     enforce: bool = True,
+    own: X25519PrivateKey | None = None,
 ) -> str:
     """The swanctl.conf for one node: a connection per peer and its per-pair keys, as the
     agent loads it (its parts in peer order; swanctl merges the repeated sections)."""
     template = swanctl_template(templates)
-    whole = parts(keyring, node_name, settings, enforce)
+    whole = parts(keyring, node_name, settings, enforce, own)
     common = whole.common
     return "".join(part.render(template, common) for part in whole.each)
 

@@ -9,6 +9,8 @@ Pure, standard library only: every process imports it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,20 @@ MODES = ("on", "prepare", "off")
 # Prometheus ports (docs/operations.md, "Monitoring").
 MASTER_METRICS_PORT = 9540
 AGENT_METRICS_PORT = 9541
+
+
+PUBLIC_KEY_BYTES = 32  # an X25519 public key (and the keyring's root keys)
+
+
+def decode_public_key(value: object) -> bytes | None:
+    """A node's X25519 public key from its base64 text, or None if it is not one."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == PUBLIC_KEY_BYTES else None
 
 
 def is_node_name(name: object) -> bool:
@@ -65,6 +81,8 @@ class StatusReport(TypedDict):
     switch_at: float | None
     removed_at: float | None
     peers_expected: int
+    peers_without_key: int  # peers with no connection: their public key or ours unpublished
+    public_key: str | None  # this node's X25519 public key, base64: the master publishes it
     peers_up: int
     ike_sas: int
     stale_ike_sas: int
@@ -86,6 +104,8 @@ LEASED = (
     "generations",
     "encryption",
     "peers_expected",
+    "peers_without_key",
+    "public_key",
     "peers_up",
     "ike_sas",
     "stale_ike_sas",
@@ -96,7 +116,8 @@ LEASED = (
 
 
 def leased(status: Mapping[str, Any], node: str) -> dict[str, Any]:
-    """The report as its Lease carries it, for `node`; it holds no key material anyway."""
+    """The report as its Lease carries it, for `node`; it holds no secret (the public key
+    is public by design)."""
     return {**{k: status[k] for k in LEASED if k in status}, "node": node}
 
 
@@ -116,6 +137,8 @@ class AgentReport:
     peers_expected: int = 0
     last_error: str | None = None
     encryption: str | None = None  # the switch's mode the agent brought its node to
+    public_key: bytes | None = None  # the node's X25519 public key (older agents: none)
+    peers_without_key: int = 0
 
     @classmethod
     def from_status(cls, doc: Mapping[str, Any], node: str | None = None) -> AgentReport | None:
@@ -143,6 +166,8 @@ class AgentReport:
             peers_expected=int_or_none(doc.get("peers_expected")) or 0,
             last_error=str_or_none(doc.get("last_error")),
             encryption=str_or_none(doc.get("encryption")),
+            public_key=decode_public_key(doc.get("public_key")),
+            peers_without_key=int_or_none(doc.get("peers_without_key")) or 0,
         )
 
 

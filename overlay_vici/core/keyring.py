@@ -4,6 +4,11 @@ It is a small JSON document. Each *generation* holds a 256-bit root key; exactly
 generation is *sent* (used to build AUTH payloads), the others are only *accepted*
 (tried when verifying). The per-pair PSK is derived, never stored, so the Secret grows
 with the number of nodes, not with its square.
+
+A generation with `node_keys` binds each pair's PSK to both nodes' X25519 key pairs: the
+peer list carries every node's public key, each node holds only its own private key, so a
+node can derive the PSKs of its own pairs and of no other (docs/security.md). A
+generation without (format 1's only kind) derives every PSK from the root key alone.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from functools import lru_cache
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from overlay_vici.core.contract import is_node_name
+from overlay_vici.core.contract import PUBLIC_KEY_BYTES, decode_public_key, is_node_name
 
 FORMAT_VERSION = 1
-KEY_BYTES = 32
+KEY_BYTES = PUBLIC_KEY_BYTES
 # Larger than any keyring for 5,000 nodes, far below what a hostile file could be.
 MAX_KEYRING_BYTES = 1024 * 1024
 _HKDF_SALT = b"overlay-vici/psk/v1"
+_BOUND_INFO = b"overlay-vici/psk/node-keys|"
 # A Kubernetes node name is a DNS-1123 subdomain.
 
 
@@ -39,12 +46,14 @@ class KeyringError(ValueError):
 class Generation:
     id: int
     key: bytes = field(repr=False)
+    node_keys: bool = False  # PSKs bound to both nodes' key pairs (see the module's doc)
 
 
 @dataclass(frozen=True)
 class Peer:
     name: str
     ip: str
+    pub: bytes | None = None  # the node's X25519 public key, once its agent reported one
 
 
 @dataclass(frozen=True)
@@ -106,11 +115,50 @@ def new_generation_key() -> bytes:
 
 
 def pair_psk(generation: Generation, ip_a: str, ip_b: str) -> bytes:
-    """The PSK of one node pair: both ends derive the same key whatever their order."""
+    """The PSK of one node pair in a generation without node keys: both ends derive the
+    same key whatever their order, and so can every holder of the root key."""
     low, high = sorted((ipaddress.ip_address(ip_a), ipaddress.ip_address(ip_b)))
     info = f"{low}|{high}|{generation.id}".encode()
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_HKDF_SALT, info=info)
     return hkdf.derive(generation.key)
+
+
+def new_node_key() -> X25519PrivateKey:
+    """A node's key pair, from the operating system's CSPRNG (OpenSSL's)."""
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes_raw()
+
+
+def bound_pair_psk(generation: Generation, own: X25519PrivateKey, node: Peer, peer: Peer) -> bytes:
+    """The PSK of one pair in a generation with node keys: X25519 of this node's private key
+    and the peer's public key (equal at both ends), through HKDF salted with the root key and
+    bound to the pair's addresses, public keys and generation. Only the two nodes can compute
+    it; the root key alone, or a third node's private key, gives nothing."""
+    if peer.pub is None or node.pub is None:
+        raise ValueError("both nodes need a public key")
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer.pub))
+    (low_ip, low_pub), (high_ip, high_pub) = sorted(
+        ((parse_ip(node.ip), node.pub), (parse_ip(peer.ip), peer.pub))
+    )
+    info = _BOUND_INFO + f"{low_ip}|{high_ip}|{generation.id}|".encode() + low_pub + high_pub
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=generation.key, info=info)
+    return hkdf.derive(shared)
+
+
+def psk_for(
+    generation: Generation, node: Peer, peer: Peer, own: X25519PrivateKey | None
+) -> bytes | None:
+    """This node's PSK with a peer in one generation, or None if it cannot have one: a
+    generation with node keys needs the peer's public key and this node's own, as the
+    keyring lists it, to be the one `own` holds (else the peer would derive another)."""
+    if not generation.node_keys:
+        return pair_psk(generation, node.ip, peer.ip)
+    if own is None or peer.pub is None or node.pub != public_bytes(own):
+        return None
+    return bound_pair_psk(generation, own, node, peer)
 
 
 def dumps(keyring: Keyring) -> str:
@@ -119,15 +167,27 @@ def dumps(keyring: Keyring) -> str:
         "version": FORMAT_VERSION,
         "serial": keyring.serial,
         "sent": keyring.sent,
-        "generations": [
-            {"id": g.id, "key": base64.b64encode(g.key).decode()} for g in keyring.generations
-        ],
-        "peers": [{"name": p.name, "ip": p.ip} for p in keyring.peers],
+        "generations": [_generation_doc(g) for g in keyring.generations],
+        "peers": [_peer_doc(p) for p in keyring.peers],
         "encryption": {"enabled": keyring.encryption.enabled, "at": keyring.encryption.at},
         "outside": [{"name": p.name, "ip": p.ip} for p in keyring.outside],
         "sent_since": keyring.sent_since,
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def _generation_doc(generation: Generation) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": generation.id, "key": base64.b64encode(generation.key).decode()}
+    if generation.node_keys:
+        doc["node_keys"] = True
+    return doc
+
+
+def _peer_doc(peer: Peer) -> dict[str, Any]:
+    doc = {"name": peer.name, "ip": peer.ip}
+    if peer.pub is not None:
+        doc["pub"] = base64.b64encode(peer.pub).decode()
+    return doc
 
 
 def too_large(size: int) -> KeyringError:
@@ -221,7 +281,10 @@ def _generations(raw: Any) -> tuple[Generation, ...]:
             raise KeyringError(
                 f"key of generation {gen_id} is {len(key)} bytes, expected {KEY_BYTES}"
             )
-        result.append(Generation(gen_id, key))
+        node_keys = item.get("node_keys", False)
+        if not isinstance(node_keys, bool):
+            raise KeyringError(f"'node_keys' of generation {gen_id} must be true or false")
+        result.append(Generation(gen_id, key, node_keys))
     _unique([g.id for g in result], "generation id")
     return tuple(result)
 
@@ -252,8 +315,20 @@ def _peers(raw: Any, field_name: str) -> tuple[Peer, ...]:
             raise KeyringError(f"peer {name} has an invalid IP address {_show(ip)}") from None
         if address.version != 4:
             raise KeyringError(f"peer {name} has IPv6 address {ip}; IPIP is IPv4 only")
-        result.append(Peer(name, str(address)))
+        result.append(Peer(name, str(address), _public_key(item.get("pub"), name)))
     return tuple(result)
+
+
+def _public_key(value: Any, name: str) -> bytes | None:
+    if value is None:
+        return None
+    raw = decode_public_key(value)
+    if raw is None:
+        raise KeyringError(
+            f"peer {name} has a public key that is not 32 bytes of base64; "
+            "republish the Secret from the master"
+        )
+    return raw
 
 
 _SHOWN_MAX = 40
@@ -291,7 +366,8 @@ def create(
     generation_id: int = 1,
     encryption: Encryption = Encryption(),
     outside: tuple[Peer, ...] = (),
+    node_keys: bool = False,
 ) -> Keyring:
     """A keyring with one fresh generation, sent: the start of a mesh."""
-    key = Generation(generation_id, new_generation_key())
+    key = Generation(generation_id, new_generation_key(), node_keys)
     return Keyring(serial, generation_id, (key,), tuple(peers), encryption, outside)

@@ -188,6 +188,26 @@ def desired_peers(
     return tuple(sorted(peers, key=lambda p: p.name)), tuple(sorted(skipped))
 
 
+def with_public_keys(
+    peers: Iterable[kr.Peer], reports: Mapping[str, AgentReport], current: Iterable[kr.Peer]
+) -> tuple[tuple[kr.Peer, ...], list[tuple[str, dict[str, Any]]]]:
+    """The peers with the public key each one's agent last reported (kept as published while
+    a report has none: an expired Lease is no new key), and an event per key published or
+    changed. A node's key is whatever its own Lease says: only its agent may write it."""
+    known = {p.name: p.pub for p in current}
+    result: list[kr.Peer] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    for peer in peers:
+        report = reports.get(peer.name)
+        reported = report.public_key if report is not None else None
+        pub = reported or known.get(peer.name)
+        if reported and reported != known.get(peer.name):
+            was = "node public key changed" if known.get(peer.name) else "node public key added"
+            events.append((was, {"node": peer.name}))
+        result.append(dataclasses.replace(peer, pub=pub))
+    return tuple(result), events
+
+
 def outside_peers(nodes: Iterable[NodeInfo], peers: Iterable[kr.Peer]) -> tuple[kr.Peer, ...]:
     """The opted-out nodes the agents' guards must let plaintext IPIP reach, sorted by name:
     those with a valid name and IPv4 InternalIP that no peer holds (of two claiming one IP,
@@ -293,12 +313,13 @@ def decide(
     events: list[tuple[str, dict[str, Any]]] = []
     if keyring is None:
         peers, skipped = desired_peers(nodes or (), ())
+        peers, _ = with_public_keys(peers, reports, ())
         outside = outside_peers(nodes or (), peers)
         # Asked for on (the deployed settings say so): a cutover like any switch on, so that
         # the agents a fresh install rolls out get ready first and none drops the traffic of
         # nodes not ready yet. Not asked (local mode without a switch file): on at once.
         switch = kr.Encryption(enabled is not False, None if enabled else 0.0)
-        created = kr.create(list(peers), encryption=switch, outside=outside)
+        created = kr.create(list(peers), encryption=switch, outside=outside, node_keys=True)
         events.append(
             (
                 "keyring created",
@@ -338,13 +359,15 @@ def decide(
     if nodes is not None:
         peers, skipped = desired_peers(nodes, keyring.peers)
         outside = outside_peers(nodes, peers)
-        if peers != keyring.peers:
+        if [(p.name, p.ip) for p in peers] != [(p.name, p.ip) for p in keyring.peers]:
             reasons = [f"{n}: {r}" for n, r in skipped]
             events.append(
                 ("peer list changed", {**_changes(keyring.peers, peers), "skipped": reasons})
             )
         if outside != keyring.outside:
             events.append(("outside list changed", _changes(keyring.outside, outside)))
+    peers, key_events = with_public_keys(peers, reports, keyring.peers)
+    events.extend(key_events)
 
     live, expired, absent = classify(peers, reports, now, policy)
     not_live = set(expired) | set(absent)
@@ -367,7 +390,16 @@ def decide(
         why = rotation_due(state, now, policy, request) if steady and switch.enabled else None
         if why:
             new_id = max(g.id for g in generations) + 1
-            generations = (*generations, kr.Generation(new_id, kr.new_generation_key()))
+            older = sorted(name for name, r in live.items() if r.public_key is None)
+            fresh_key = kr.Generation(new_id, kr.new_generation_key(), node_keys=not older)
+            generations = (*generations, fresh_key)
+            if older:
+                events.append(
+                    (
+                        "new generation without node keys",
+                        {"generation": new_id, "agents_without_key": older[:10]},
+                    )
+                )
             handled = request if why == "requested" else state.handled_request
             next_state = dataclasses.replace(
                 state,
@@ -421,6 +453,11 @@ def decide(
         next_state = dataclasses.replace(
             next_state, cutover_serial=new_keyring.serial, cutover_announced=now
         )
+    elif switch.at is None and new_keyring is not keyring:
+        # Announced, and the peers or their keys changed since: the switch waits for the
+        # newest keyring, or a fresh install would schedule it before the agents had each
+        # other's public keys (and so their connections).
+        next_state = dataclasses.replace(next_state, cutover_serial=new_keyring.serial)
     changed = new_keyring is not keyring or next_state != original_state
     return Decision(new_keyring, next_state, changed, waiting, expired, absent, tuple(events))
 
