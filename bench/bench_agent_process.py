@@ -186,6 +186,8 @@ def run_agent(setup: Setup, peers: int, keyring: Keyring, keys: Path, variant: s
         str(RESYNC),
         "--metrics-port",
         str(port),
+        "--node-key",
+        str(setup.workdir / "node.key"),
     ]
     log_path = setup.workdir / f"agent-{tag}.log"
     with log_path.open("wb") as log_file:

@@ -28,7 +28,10 @@ which are meant for many peers behind one address, not one peer talking to many 
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import functools
+import hashlib
 import json
 import socket
 import sys
@@ -39,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "uml"))
 import vici
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from mesh import CHARON_PLUGINS, Node, ip_batch
 
 from overlay_vici.agent.render import Settings, swanctl_conf
@@ -133,7 +137,8 @@ def sim_messages(
     (load-conn messages by name, load-shared messages by id)."""
     view = dataclasses.replace(keyring, peers=(nut, node), outside=())
     enforce = keyring.mode_for(node.name, now) == "on"  # as the agent decides
-    messages = to_messages(swanctl_conf(view, node.name, Settings(), enforce=enforce))
+    own = sim_node_key(node.name)
+    messages = to_messages(swanctl_conf(view, node.name, Settings(), enforce=enforce, own=own))
     conns: dict[str, Any] = {}
     for body_by_name in messages.conns.values():
         for body in body_by_name.values():
@@ -145,6 +150,13 @@ def sim_messages(
         new_id = f"sim-{node.name}-g{generation}"
         shared[new_id] = {**message, "id": new_id}
     return conns, shared
+
+
+@functools.cache
+def sim_node_key(name: str) -> X25519PrivateKey:
+    """A simulated node's key pair, from its name: a bench needs no secret, and the driver
+    and the reports must agree on it across restarts."""
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(f"peersim|{name}".encode()).digest())
 
 
 def session(sock_path: Path) -> tuple[socket.socket, vici.Session]:
@@ -204,6 +216,7 @@ def report(state: Path, node: kr.Peer, keyring: kr.Keyring, now: float) -> None:
         "stale_peers": [],
         "peers_expected": 1,
         "encryption": keyring.mode_for(node.name, now),
+        "public_key": base64.b64encode(kr.public_bytes(sim_node_key(node.name))).decode(),
         "simulated": True,
     }
     write_atomic(state / node.name / "status.json", json.dumps(doc), 0o644)

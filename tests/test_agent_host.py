@@ -455,8 +455,8 @@ def test_sent_generation_switch_reloads_keys_with_new_owners(harness: Harness) -
     loads = {m["id"]: m["owners"] for c, m in sent if c == "load-shared" and m}
     assert set(loads) == {secret_id(f"node-{i}", g) for i in (1, 2, 3) for g in (1, 2)}
     for i in (1, 2, 3):
-        assert loads[secret_id(f"node-{i}", 2)] == [node_ip(0), node_ip(i)]
-        assert loads[secret_id(f"node-{i}", 1)] == [node_ip(i)]
+        assert loads[secret_id(f"node-{i}", 2)] == [node_ip(i)]
+        assert loads[secret_id(f"node-{i}", 1)] == [f"{node_ip(i)}/32"]
     assert sorted(m and next(iter(m)) for c, m in sent if c == "load-conn") == [
         conn_name(f"node-{i}") for i in (1, 2, 3)
     ]

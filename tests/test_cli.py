@@ -138,7 +138,7 @@ def test_agent_bad_setting_exits_2_before_touching_charon(tmp_path: Path) -> Non
     """The agent refuses a bad setting at start: exit 2, one line, no traceback."""
     result = run(
         "agent", "--node", "n", "--keys", str(tmp_path), "--vici", "unix:///nonexistent",
-        "--ike-rekey-time", "5x",
+        "--ike-rekey-time", "5x", "--node-key", str(tmp_path / "node.key"),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
@@ -149,7 +149,10 @@ def test_agent_bad_setting_exits_2_before_touching_charon(tmp_path: Path) -> Non
 
 def test_agent_bad_vici_uri_exits_2(tmp_path: Path) -> None:
     """A VICI URI that is not unix:// is a usage error with the expected form."""
-    result = run("agent", "--node", "n", "--keys", str(tmp_path), "--vici", "tcp://1.2.3.4")
+    result = run(
+        "agent", "--node", "n", "--keys", str(tmp_path), "--vici", "tcp://1.2.3.4",
+        "--node-key", str(tmp_path / "node.key"),
+    )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         "overlay-vici: VICI URI 'tcp://1.2.3.4' must look like unix:///run/charon.vici"

@@ -376,3 +376,71 @@ def test_fuzz_corrupted_fields_only_raise_keyring_error(data: st.DataObject) -> 
             continue  # an earlier mutation removed the parent
         doc = mutated
     _check_loads(json.dumps(doc))
+
+
+# --- node keys ---------------------------------------------------------------------------
+
+
+def node_keys_ring(count: int) -> tuple[kr.Keyring, list[kr.X25519PrivateKey]]:
+    """A keyring whose generation binds PSKs to node keys, and every node's private key."""
+    keys = [kr.new_node_key() for _ in range(count)]
+    peers = [Peer(f"n{i}", f"10.0.0.{i + 1}", kr.public_bytes(k)) for i, k in enumerate(keys)]
+    return kr.create(peers, node_keys=True), keys
+
+
+def test_a_bound_psk_is_the_same_at_both_ends_and_only_there() -> None:
+    """Both ends of a pair derive one key; a third node's private key, the root key alone,
+    or another generation gives another."""
+    ring, keys = node_keys_ring(3)
+    gen = ring.generation(ring.sent)
+    a, b, c = ring.peers
+    ab = kr.psk_for(gen, a, b, keys[0])
+    assert ab is not None and len(ab) == kr.KEY_BYTES
+    assert kr.psk_for(gen, b, a, keys[1]) == ab
+    assert kr.bound_pair_psk(gen, keys[2], a, b) != ab  # c's key in a's place
+    assert kr.bound_pair_psk(gen, keys[2], c, b) != ab  # c's own pair with b
+    assert pair_psk(gen, a.ip, b.ip) != ab  # the root key alone
+    other = Generation(gen.id + 1, gen.key, node_keys=True)
+    assert kr.psk_for(other, a, b, keys[0]) != ab
+
+
+def test_no_bound_psk_without_both_public_keys_or_with_a_stale_own_key() -> None:
+    ring, keys = node_keys_ring(2)
+    gen = ring.generation(ring.sent)
+    a, b = ring.peers
+    assert kr.psk_for(gen, a, dataclasses.replace(b, pub=None), keys[0]) is None
+    assert kr.psk_for(gen, a, b, None) is None
+    assert kr.psk_for(gen, a, b, kr.new_node_key()) is None  # the keyring lists another key
+    legacy = Generation(gen.id, gen.key)
+    assert kr.psk_for(legacy, a, b, None) == pair_psk(legacy, a.ip, b.ip)
+
+
+def test_public_keys_and_node_keys_round_trip_and_older_keyrings_still_load() -> None:
+    ring, _ = node_keys_ring(3)
+    assert loads(dumps(ring)) == ring
+    doc = json.loads(dumps(ring))
+    assert doc["generations"][0]["node_keys"] is True and "pub" in doc["peers"][0]
+    for item in doc["generations"]:
+        del item["node_keys"]
+    for item in doc["peers"]:
+        del item["pub"]
+    old = loads(json.dumps(doc))
+    assert not old.generation(old.sent).node_keys and all(p.pub is None for p in old.peers)
+
+
+@pytest.mark.parametrize("pub", ["", "not base64!", base64.b64encode(b"x" * 31).decode(), 7])
+def test_a_malformed_public_key_is_one_sentence_naming_the_peer(pub: Any) -> None:
+    doc = valid_doc()
+    doc["peers"][1]["pub"] = pub
+    with pytest.raises(KeyringError) as error:
+        loads(json.dumps(doc))
+    assert_one_sentence(str(error.value))
+    assert doc["peers"][1]["name"] in str(error.value)
+
+
+def test_node_keys_must_be_a_boolean() -> None:
+    doc = valid_doc()
+    doc["generations"][0]["node_keys"] = "yes"
+    with pytest.raises(KeyringError, match="node_keys") as error:
+        loads(json.dumps(doc))
+    assert_one_sentence(str(error.value))

@@ -485,7 +485,7 @@ def test_an_agent_without_charon_is_unhealthy_and_counts_the_failures(tmp_path: 
     process = subprocess.Popen(
         [str(EXE), "agent", "--node", "node-0", "--keys", str(keys),
          "--vici", f"unix://{tmp_path}/nothing.vici", "--no-guard",
-         "--metrics-port", str(port)],
+         "--metrics-port", str(port), "--node-key", str(tmp_path / "node.key")],
         stderr=subprocess.PIPE,
         env={**os.environ, "PATH": os.environ.get("PATH", "")},
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ from overlay_vici.agent.render import (
     conn_name,
     is_owned_conn,
     is_owned_secret,
+    keyed_peers,
     secret_id,
     strongswan_conf,
     swanctl_conf,
 )
 from overlay_vici.agent.swanctl_conf import parse_settings, to_messages
+from overlay_vici.core import keyring as kr
 from overlay_vici.core.keyring import Peer, pair_psk, psk_for
 
 
@@ -124,7 +127,8 @@ def test_settings_reach_every_connection() -> None:
 
 
 def test_secrets_per_peer_and_generation_with_owners_by_role(make_keyring: MakeKeyring) -> None:
-    """The sent generation's key is owned by [own IP, peer IP]; accepted ones by [peer IP]."""
+    """The sent generation's key is owned by [peer IP]; accepted ones by [peer IP/32]: never
+    by the node's own address, which would let charon verify any peer with it."""
     keyring = make_keyring(4, generations=(1, 2, 3), sent=2)
     node = keyring.peer("node-1")
     assert node is not None
@@ -136,7 +140,7 @@ def test_secrets_per_peer_and_generation_with_owners_by_role(make_keyring: MakeK
         for gen in keyring.generations:
             message = shared[secret_id(peer.name, gen.id)]
             assert is_owned_secret(message["id"]) and message["type"] == "ike"
-            expected = [node.ip, peer.ip] if gen.id == keyring.sent else [peer.ip]
+            expected = [peer.ip] if gen.id == keyring.sent else [f"{peer.ip}/32"]
             assert message["owners"] == expected
             assert message["data"] == pair_psk(gen, node.ip, peer.ip)
 
@@ -294,3 +298,22 @@ def test_a_keyring_change_derives_only_the_new_pairs_keys(monkeypatch: pytest.Mo
         for gen in keyring.generations:
             message = to_messages(text).shared[secret_id(peer.name, gen.id)]
             assert message["data"] == pair_psk(gen, node.ip, peer.ip)
+
+
+def test_node_keys_give_connections_only_to_peers_with_a_public_key() -> None:
+    """A generation with node keys: the node's PSKs with each peer are its own X25519
+    exchange's; a peer without a public key gets no connection (its IPIP stays with the
+    guard), and a node whose own key the keyring does not list yet gets none at all."""
+    keys = [kr.new_node_key() for _ in range(4)]
+    peers = [Peer(f"node-{i}", node_ip(i), kr.public_bytes(k)) for i, k in enumerate(keys)]
+    peers[3] = dataclasses.replace(peers[3], pub=None)
+    keyring = kr.create(peers, node_keys=True)
+    gen = keyring.generation(keyring.sent)
+    messages = to_messages(swanctl_conf(keyring, "node-0", Settings(), own=keys[0]))
+    assert sorted(messages.conns) == ["ov-node-1", "ov-node-2"]
+    for peer, key in zip(peers[1:3], keys[1:3], strict=True):
+        shared = messages.shared[secret_id(peer.name, gen.id)]
+        assert shared["data"] == kr.bound_pair_psk(gen, key, peer, peers[0])
+    assert keyed_peers(keyring, peers[0], keys[0])[1] == [peers[3]]
+    stale = to_messages(swanctl_conf(keyring, "node-0", Settings(), own=kr.new_node_key()))
+    assert not stale.conns and not stale.shared

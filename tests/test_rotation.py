@@ -473,3 +473,67 @@ def test_a_restarted_master_resumes_an_announced_switch(start: Decision) -> None
     assert lost.keyring.encryption.at is None
     found = decide(keyring, lost.state, NODES, ack(announced, now=13), 13, POLICY)
     assert found.keyring.encryption == kr.Encryption(False, 23.0)
+
+
+# --- node keys ---------------------------------------------------------------------------
+
+PUBS = {f"n{i}": bytes([i]) * 32 for i in range(1, 5)}
+
+
+def keyed(decision: Decision, names: list[str] | None = None, now: float = 0.0) -> dict:
+    """ack() from agents that report their public keys."""
+    return {
+        name: dataclasses.replace(report, public_key=PUBS[name])
+        for name, report in ack(decision, names, now).items()
+    }
+
+
+def test_the_first_generation_binds_to_node_keys_and_reported_keys_are_published(
+    start: Decision,
+) -> None:
+    assert start.keyring.generation(start.keyring.sent).node_keys
+    assert all(p.pub is None for p in start.keyring.peers)
+    published = step(start, keyed(start, ["n1", "n2"], now=1), 1)
+    assert published.keyring.serial == 2
+    assert {p.name: p.pub for p in published.keyring.peers} == {
+        "n1": PUBS["n1"], "n2": PUBS["n2"], "n3": None, "n4": None,
+    }  # fmt: skip
+    assert ("node public key added", {"node": "n1"}) in published.events
+    # A report without a key (expired Lease, older agent) keeps the key as published.
+    kept = step(published, ack(published, now=2), 2)
+    assert [p.pub for p in kept.keyring.peers][:2] == [PUBS["n1"], PUBS["n2"]]
+    # A new key (the node's key file was lost) replaces the old one.
+    reports = keyed(kept, now=3)
+    reports["n1"] = dataclasses.replace(reports["n1"], public_key=b"\x09" * 32)
+    changed = step(kept, reports, 3)
+    assert changed.keyring.peer("n1").pub == b"\x09" * 32  # type: ignore[union-attr]
+    assert ("node public key changed", {"node": "n1"}) in changed.events
+
+
+def test_a_rotation_binds_to_node_keys_only_if_every_live_agent_has_one(start: Decision) -> None:
+    published = step(start, keyed(start, now=1), 1)
+    older = ack(published, now=2)  # an agent of the previous release reports no key
+    older.update({k: v for k, v in keyed(published, ["n1", "n2", "n3"], now=2).items()})
+    staged = step(published, older, 2, request="r1")
+    new = max(g.id for g in staged.keyring.generations)
+    assert not staged.keyring.generation(new).node_keys
+    assert (
+        "new generation without node keys",
+        {"generation": new, "agents_without_key": ["n4"]},
+    ) in staged.events
+    staged = step(published, keyed(published, now=2), 2, request="r1")
+    assert staged.keyring.generation(max(g.id for g in staged.keyring.generations)).node_keys
+
+
+def test_an_announced_switch_waits_for_the_keyring_with_the_agents_keys() -> None:
+    """A fresh install: the agents' first acknowledgements carry their keys, and the keyring
+    that publishes them is the one the switch waits for (else it would be scheduled before
+    any agent had its peers' keys, and with them its connections)."""
+    fresh = decide(None, None, NODES, {}, 0.0, POLICY, enabled=True)
+    published = step(fresh, keyed(fresh, now=5), 5, enabled=True)
+    assert published.keyring.encryption.at is None and published.keyring.serial == 2
+    assert published.state.cutover_serial == 2
+    held = step(published, keyed(fresh, now=6), 6, enabled=True)
+    assert held.keyring.encryption.at is None and held.waiting == ("n1", "n2", "n3", "n4")
+    ready = step(published, keyed(published, now=8), 8, enabled=True)
+    assert ready.keyring.encryption.at is not None

@@ -109,9 +109,14 @@ def ike_rand_time(settings: Settings, keyring: Keyring) -> str:
     return f"{longest // 10 + keyring.sent % 2}s"
 
 
-def owners(node: Peer, peer: Peer, sent: bool) -> list[str]:
-    """Exact owners make a key the one charon sends; a peer-only key is merely accepted."""
-    return [node.ip, peer.ip] if sent else [peer.ip]
+def owners(peer: Peer, sent: bool) -> list[str]:
+    """Owners that tie a key to its one peer. charon verifies a peer's AUTH with every key
+    whose owners match either end's identity, so a key owned by this node's own address
+    would verify any peer with any pair's key: a node holding its pair key with us could
+    pass as a third node. Owned by the peer alone, a key verifies only that peer. The sent
+    key names the peer's address exactly; an accepted one names it as a /32 subnet, which
+    charon ranks one wildcard lower, so that it sends the sent key and verifies with both."""
+    return [peer.ip] if sent else [f"{peer.ip}/32"]
 
 
 # The per-pair PSKs of the last render, by (generation, node, peer, own public key): a
@@ -266,7 +271,7 @@ def parts(
             tuple(
                 (
                     secret_id(peer.name, gen.id),
-                    tuple(owners(node, peer, gen.id == keyring.sent)),
+                    tuple(owners(peer, gen.id == keyring.sent)),
                     psk,
                 )
                 for gen in keyring.generations

@@ -382,10 +382,15 @@ def decide(
     next_state = state
     switch = keyring.encryption
     if state.phase == "idle":
-        switch, next_state, waiting, step_events = _cutover(
-            switch, state, live, (expired, absent), enabled, now, policy
-        )
-        events.extend(step_events)
+        if switch.at is None and peers != keyring.peers:
+            # Announced, and this keyring changes the peers or their keys: the switch waits
+            # for the agents to have it (see the cutover_serial update below).
+            waiting = tuple(sorted(live))
+        else:
+            switch, next_state, waiting, step_events = _cutover(
+                switch, state, live, (expired, absent), enabled, now, policy
+            )
+            events.extend(step_events)
         steady = switch == keyring.encryption and not cutover_pending(switch, now)
         why = rotation_due(state, now, policy, request) if steady and switch.enabled else None
         if why:

@@ -81,6 +81,8 @@ class Cluster:
                 str(status_path(node)),
                 "--conf-out",
                 str(node.dir / "swanctl.conf"),
+                "--node-key",
+                str(node.dir / "node.key"),
                 *self.agent_args,
                 *self.node_args(node),
             ],

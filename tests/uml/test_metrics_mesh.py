@@ -175,7 +175,8 @@ def test_mtu_check_on_a_nodes_real_tunl0(tmp_path: Path) -> None:
         # The agent says the same once at start (no charon needed for that).
         agent = node.spawn(
             [AGENT, "agent", "--node", node.name, "--keys", str(tmp_path / "none"),
-             "--vici", f"unix://{tmp_path}/none.vici", "--no-guard", "--metrics-port", "0"],
+             "--vici", f"unix://{tmp_path}/none.vici", "--no-guard", "--metrics-port", "0",
+             "--node-key", str(tmp_path / "node.key")],
             node.dir / "agent.log",
         )  # fmt: skip
         warning = wait_for("the agent's MTU warning", lambda: agent_events(node, "MTU too large"))
