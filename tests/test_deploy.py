@@ -153,7 +153,7 @@ def _validator():  # type: ignore[no-untyped-def]
     return pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 
-@pytest.mark.parametrize("version", ["1.29.0", "latest"])
+@pytest.mark.parametrize("version", ["1.30.0", "latest"])
 def test_every_object_validates_strictly_against_the_kubernetes_schemas(version: str) -> None:
     kv = _validator()
     version = kv.latest_version() if version == "latest" else version
@@ -170,12 +170,18 @@ def test_strict_validation_rejects_a_misspelled_field() -> None:
     broken = copy.deepcopy(the("DaemonSet"))
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
     with pytest.raises(kv.ValidationError):
-        kv.validate(broken, "1.29.0", strict=True)
+        kv.validate(broken, "1.30.0", strict=True)
 
 
 def test_every_namespaced_object_is_in_the_namespace() -> None:
     assert the("Namespace")["metadata"]["name"] == NAMESPACE
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for obj in OBJECTS:
         if obj["kind"] not in cluster_scoped:
             assert obj["metadata"].get("namespace") == NAMESPACE, key(obj)

@@ -33,3 +33,12 @@ def test_a_broken_key_file_is_refused_in_one_sentence_and_left_alone(
     message = str(error.value)
     assert str(path) in message and "delete it" in message and "\n" not in message
     assert path.read_text() == content  # not replaced behind the operator's back
+
+
+def test_an_unwritable_place_is_one_sentence_naming_the_fix() -> None:
+    """As a read-only root filesystem would (and unwritable even for root: /proc)."""
+    with pytest.raises(node_key.NodeKeyError) as error:
+        node_key.load_or_create(Path("/proc/overlay-vici-test/node.key"))
+    message = str(error.value)
+    assert "cannot write the node key" in message and "--node-key" in message
+    assert "\n" not in message

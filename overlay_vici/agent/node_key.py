@@ -53,8 +53,14 @@ def load_or_create(path: Path) -> tuple[X25519PrivateKey, bool]:
     if existing is not None:
         return existing, False
     key = new_node_key()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    raw = key.private_bytes_raw()
-    write_atomic(path, base64.b64encode(raw).decode() + "\n", 0o600)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        write_atomic(path, base64.b64encode(key.private_bytes_raw()).decode() + "\n", 0o600)
+    except OSError as exc:
+        raise NodeKeyError(
+            f"cannot write the node key {path} ({exc.strerror}); give the agent a writable, "
+            "node-local directory there (the manifest's hostPath /var/lib/overlay-vici) or "
+            "another --node-key"
+        ) from None
     return key, True

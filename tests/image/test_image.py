@@ -62,6 +62,8 @@ def pod_volumes(workload: dict[str, Any], where: Path) -> dict[str, Path]:
         path = where / volume["name"]
         if volume.get("hostPath", {}).get("type") == "FileOrCreate":
             path.touch()  # a file kubelet would create: this test's own, not the host's
+        elif volume.get("hostPath", {}).get("type") == "DirectoryOrCreate":
+            path.mkdir(mode=0o755)  # as kubelet creates it (the node key's, kept per node)
         elif "hostPath" in volume:
             path = Path(volume["hostPath"]["path"])
         elif "emptyDir" in volume:
