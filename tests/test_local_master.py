@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -335,3 +336,28 @@ def test_the_encryption_command_without_local_names_the_configmap_patch(
     )
     assert main(["encryption", "off", "--local", str(tmp_path / "nowhere")]) == 2
     assert "no local master state at" in capsys.readouterr().err
+
+
+def test_status_names_the_nodes_whose_public_key_is_not_published_yet(
+    local: tuple[Path, Path, Master], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The agents' reported keys reach the keyring; a node without one is named, with what
+    it costs (no connection), and a key the master has not published yet shows as changed."""
+    state, _, master = local
+    master.step()
+    pubs = {
+        name: base64.b64encode(kr.public_bytes(kr.new_node_key())).decode() for name in ("n1", "n2")
+    }
+    ack(state, "n1", public_key=pubs["n1"])
+    ack(state, "n2", public_key=pubs["n2"])
+    master.step()
+    keyring = kr.loads((secret_dir(state) / "keyring.json").read_text())
+    assert [p.pub is not None for p in keyring.peers] == [True, True, False]
+    ack(state, "n2", public_key=base64.b64encode(b"\x05" * 32).decode())  # not yet published
+    capsys.readouterr()
+    assert main(["status", "--local", str(state), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["node_keys"] and view["without_public_key"] == ["n3"]
+    assert [n["public_key"] for n in view["nodes"]] == ["published", "changed", "missing"]
+    assert main(["status", "--local", str(state)]) == 0
+    assert "no public key yet, so no connection to: n3" in capsys.readouterr().out

@@ -49,6 +49,7 @@ def mesh_status(
             "node": peer.name,
             "ip": peer.ip,
             "agent": "live" if peer.name in live else "expired" if report else "absent",
+            "public_key": _key_state(peer.pub, report),
         }
         if report is not None:
             entry.update(
@@ -95,9 +96,36 @@ def mesh_status(
         "expired": list(expired),
         "absent": list(absent),
         "outside": [p.name for p in keyring.outside],
+        "node_keys": keyring.generation(keyring.sent).node_keys,
+        "without_public_key": [p.name for p in keyring.peers if p.pub is None],
         "history": [dict(h) for h in state.history],
         "nodes": nodes,
     }
+
+
+def _key_state(published: bytes | None, report: AgentReport | None) -> str:
+    """The node's public key as the keyring has it: 'published', 'missing' (its pairs get
+    no connection in a generation with node keys), or 'changed' (the agent reports another
+    one: the master has not published it yet)."""
+    if published is None:
+        return "missing"
+    if report is not None and report.public_key not in (None, published):
+        return "changed"
+    return "published"
+
+
+def keys_text(view: dict) -> str:  # type: ignore[type-arg]
+    """The node keys line of `status`."""
+    if not view["node_keys"]:
+        return (
+            f"generation {view['active_generation']} derives every pair's key from one root key "
+            "(no node keys): run `overlay-vici rotate` once every agent reports a public key"
+        )
+    line = f"generation {view['active_generation']} binds each pair's key to both nodes' keys"
+    if view["without_public_key"]:
+        missing = ", ".join(view["without_public_key"])
+        line += f"; no public key yet, so no connection to: {missing}"
+    return line
 
 
 def status_text(view: dict) -> str:  # type: ignore[type-arg]
@@ -117,6 +145,7 @@ def status_text(view: dict) -> str:  # type: ignore[type-arg]
         f"active generation {view['active_generation']} (keyring serial {view['serial']}: {roles})",
         switch_text(view),
         rotation,
+        keys_text(view),
     ]
     if view["expired"]:
         lines.append(f"expired agents, not waited for: {', '.join(view['expired'])}")
