@@ -3,6 +3,12 @@ cost of one rotation phase (pure core; a full step through the `kubernetes` clie
 the in-process fake API server with N agent Leases; a full step in local mode).
 
     .venv/bin/python bench/bench_master.py --nodes 100,1000,5000 --repeat 3 [--uml FILE]
+    .venv/bin/python bench/bench_master.py --node-keys --nodes 100,1000,5000 --repeat 3
+
+--node-keys measures the keyring with every node's public key instead (issue 11): its size,
+the master's step that publishes N keys, one node's PSK derivation for its N-1 pairs against
+the shared-root derivation (the lower bound) in the same run, and, for comparison, what
+sealing every node's N-1 PSKs to its key (the per-node bundle design) would cost the master.
 
 --uml FILE summarises the end-to-end rotation timings that tests/uml/test_rotation_mesh.py
 wrote with OVERLAY_VICI_RESULTS=FILE.
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -196,6 +204,68 @@ def bench_local(n: int, listed: list[NodeInfo], repeat: int) -> tuple[float, flo
     return statistics.median(times), min(times)
 
 
+def keyed_reports(decision: Any, pubs: dict[str, bytes], now: float) -> dict[str, AgentReport]:
+    return {
+        name: dataclasses.replace(report, public_key=pubs[name])
+        for name, report in reports_for(decision, now).items()
+    }
+
+
+def bench_node_keys(n: int, repeat: int) -> dict[str, Any]:
+    """The keyring with node keys: size, publishing N keys, and the derivations."""
+    row: dict[str, Any] = {"N": n}
+    listed = nodes(n)
+    now = time.time()
+    private = {x.name: kr.new_node_key() for x in listed}
+    pubs = {name: kr.public_bytes(key) for name, key in private.items()}
+    start = decide(None, None, listed, {}, now, POLICY)
+    acks = keyed_reports(start, pubs, now)
+    row["publish_ms"] = timed(
+        lambda: decide(start.keyring, start.state, listed, acks, now, POLICY), repeat
+    )[:2]
+    keyed = decide(start.keyring, start.state, listed, acks, now, POLICY)
+    assert all(p.pub for p in keyed.keyring.peers)
+    stage = decide(keyed.keyring, keyed.state, listed, acks, now, POLICY, "r")
+    one, two = kr.dumps(keyed.keyring), kr.dumps(stage.keyring)
+    row["size_idle"], row["size_two"] = len(one.encode()), len(two.encode())
+    secret = len(two.encode()) + len(dumps_state(stage.state).encode())
+    row["secret_data"], row["limit_share"] = secret, secret / SECRET_LIMIT
+    row["loads_ms"] = timed(lambda: kr.loads(two), repeat)[:2]
+    # One node's PSKs with its N-1 peers in one generation: bound vs the shared root key.
+    keyring = keyed.keyring
+    gen = keyring.generation(keyring.sent)
+    me, others = keyring.peers[0], keyring.peers[1:]
+    own = private[me.name]
+    row["bound_ms"] = timed(lambda: [kr.psk_for(gen, me, p, own) for p in others], repeat)[:2]
+    shared = kr.Generation(gen.id, gen.key)
+    row["shared_ms"] = timed(lambda: [kr.psk_for(shared, me, p, None) for p in others], repeat)[:2]
+    # The alternative: the master seals each node's N-1 PSKs to that node's public key.
+    median, least, bundle = timed(lambda: seal_bundle(shared, me, others, pubs[me.name]), repeat)
+    row["seal_one_ms"] = (median, least)
+    row["seal_all_s"] = (median * n / 1000, least * n / 1000)
+    row["sealed_bytes"] = len(bundle) * n
+    return row
+
+
+def seal_bundle(gen: kr.Generation, node: kr.Peer, peers: Any, pub: bytes) -> bytes:
+    """The per-node bundle design: the node's N-1 PSKs (HKDF of the root key, as the master
+    would derive them) in one AES-GCM box under an X25519 key agreed with the node's public
+    key, the node and generation bound as associated data."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    plain = b"".join(p.name.encode() + b"\0" + kr.pair_psk(gen, node.ip, p.ip) for p in peers)
+    ephemeral = kr.new_node_key()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(pub))
+    key = HKDF(hashes.SHA256(), 16, None, b"bundle").derive(shared)
+    nonce = os.urandom(12)
+    aad = f"{node.name}|{gen.id}".encode()
+    sealed = AESGCM(key).encrypt(nonce, plain, aad)
+    return kr.public_bytes(ephemeral) + nonce + sealed
+
+
 def uml_summary(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
@@ -231,7 +301,11 @@ def main() -> None:
     parser.add_argument("--nodes", default="100,1000,5000")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--uml", type=Path)
+    parser.add_argument("--node-keys", action="store_true", help="the node keys table")
     args = parser.parse_args()
+    if args.node_keys:
+        node_keys_table([bench_node_keys(int(n), args.repeat) for n in args.nodes.split(",")])
+        return
     rows = [bench_n(int(n), args.repeat) for n in args.nodes.split(",")]
     labels = {
         "build_ms": "build the first keyring (decide: nodes -> keyring), ms",
@@ -248,13 +322,36 @@ def main() -> None:
         "phase_kube_ms": "one phase, Master.step() via kubernetes client + fake API, ms",
         "phase_local_ms": "one phase, Master.step() in local mode (N status files, N copies), ms",
     }
+    table(rows, labels)
+    if args.uml:
+        print()
+        print(json.dumps(uml_summary(args.uml), indent=1))
+
+
+def table(rows: list[dict[str, Any]], labels: dict[str, str]) -> None:
     print("| measure | " + " | ".join(f"N={r['N']:,}" for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for key, label in labels.items():
         print(f"| {label} | " + " | ".join(fmt(r[key]) for r in rows) + " |")
-    if args.uml:
-        print()
-        print(json.dumps(uml_summary(args.uml), indent=1))
+
+
+def node_keys_table(rows: list[dict[str, Any]]) -> None:
+    table(
+        rows,
+        {
+            "size_idle": "keyring.json with every node's public key, one generation, bytes",
+            "size_two": "same, two generations (stage/switch), bytes",
+            "secret_data": "Secret data (keyring + master.json), bytes",
+            "limit_share": "share of the 1 MiB Secret limit",
+            "loads_ms": "parse and validate it (keyring.loads), ms",
+            "publish_ms": "master: publish N reported keys, pure decide(), ms",
+            "bound_ms": "agent: one node's N-1 PSKs, node keys (X25519 + HKDF), ms",
+            "shared_ms": "agent: same, shared root key (HKDF only, the lower bound), ms",
+            "seal_one_ms": "alternative: master seals one node's N-1 PSKs (HKDF + AES-GCM), ms",
+            "seal_all_s": "alternative: same for all N nodes, per generation, s (one x N)",
+            "sealed_bytes": "alternative: all N sealed bundles, one generation, bytes",
+        },
+    )
 
 
 if __name__ == "__main__":

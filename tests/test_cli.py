@@ -193,7 +193,7 @@ def test_render_swanctl_with_malformed_keyring_exits_2(
     [
         ("missing", "overlay-vici: no keyring.json in {keys}; check the Secret volume"),
         ("other node", "overlay-vici: node node-0 is not in the keyring's peer list;"),
-        ("version", "overlay-vici: keyring format version 2 is not supported (expected 1)"),
+        ("version", "overlay-vici: keyring format version 3 is not supported (expected 1 or 2)"),
     ],
 )
 def test_render_swanctl_keyring_problems_exit_2(
@@ -205,7 +205,7 @@ def test_render_swanctl_keyring_problems_exit_2(
     if setup == "other node":
         publish_secret(keys, {KEYRING_FILE: dumps(build_keyring((1, 2)))})
     elif setup == "version":
-        newer = dumps(build_keyring(2)).replace('"version": 1', '"version": 2')
+        newer = dumps(build_keyring(2)).replace('"version": 1', '"version": 3')
         publish_secret(keys, {KEYRING_FILE: newer})
     code, out, err = cli(capsys, "render", "swanctl", "--node", "node-0", "--keys", str(keys))
     assert (code, out) == (2, "")

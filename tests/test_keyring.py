@@ -175,7 +175,7 @@ def _drop(name: str) -> Any:
 
 
 INVALID: dict[str, tuple[bytes | str | Any, str]] = {
-    "unknown version": (_set("version", 2), "format version 2 is not supported"),
+    "unknown version": (_set("version", 3), "format version 3 is not supported"),
     "missing version": (_drop("version"), "format version null is not supported"),
     "bad base64": (
         _set("generations.0.key", "not*base64"),
@@ -420,11 +420,16 @@ def test_public_keys_and_node_keys_round_trip_and_older_keyrings_still_load() ->
     assert loads(dumps(ring)) == ring
     doc = json.loads(dumps(ring))
     assert doc["generations"][0]["node_keys"] is True and "pub" in doc["peers"][0]
+    assert doc["version"] == 2  # an agent that knows only format 1 refuses it
+    doc["version"] = 1
+    with pytest.raises(KeyringError, match="version 1 cannot hold"):
+        loads(json.dumps(doc))
     for item in doc["generations"]:
         del item["node_keys"]
     for item in doc["peers"]:
         del item["pub"]
     old = loads(json.dumps(doc))
+    assert json.loads(dumps(old))["version"] == 1
     assert not old.generation(old.sent).node_keys and all(p.pub is None for p in old.peers)
 
 

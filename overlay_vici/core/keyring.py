@@ -29,7 +29,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from overlay_vici.core.contract import PUBLIC_KEY_BYTES, decode_public_key, is_node_name
 
-FORMAT_VERSION = 1
+# Format 2 is a keyring with a node_keys generation: an agent that knows only format 1 would
+# derive that generation's PSKs from the root key alone, so it refuses the keyring (and
+# keeps its last good one) instead of failing every authentication without saying why.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 KEY_BYTES = PUBLIC_KEY_BYTES
 # Larger than any keyring for 5,000 nodes, far below what a hostile file could be.
 MAX_KEYRING_BYTES = 1024 * 1024
@@ -164,7 +168,7 @@ def psk_for(
 def dumps(keyring: Keyring) -> str:
     """Serialise canonically, so that equal keyrings give equal bytes."""
     doc = {
-        "version": FORMAT_VERSION,
+        "version": 2 if any(g.node_keys for g in keyring.generations) else 1,
         "serial": keyring.serial,
         "sent": keyring.sent,
         "generations": [_generation_doc(g) for g in keyring.generations],
@@ -214,14 +218,16 @@ def loads(data: bytes | str) -> Keyring:
     if not isinstance(doc, dict):
         raise KeyringError("keyring must be a JSON object; republish the Secret from the master")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS or isinstance(version, bool):
         raise KeyringError(
             f"keyring format version {_show(version)} is not supported "
-            f"(expected {FORMAT_VERSION}); "
+            f"(expected 1 or {FORMAT_VERSION}); "
             "run agent and master of the same release"
         )
     serial = _integer(doc, "serial")
     generations = _generations(doc.get("generations"))
+    if version == 1 and any(g.node_keys for g in generations):
+        raise KeyringError("keyring format version 1 cannot hold a generation with node keys")
     sent = _integer(doc, "sent")
     if sent not in {g.id for g in generations}:
         raise KeyringError(f"sent generation {sent} is not among the keyring's generations")
