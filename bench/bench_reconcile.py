@@ -332,8 +332,8 @@ def instrumented(agent: Agent) -> Iterator[Split]:
         stack.enter_context(mock.patch.object(render_module.Part, "render", wrapped))
         wrapped = split.record("conf", ConfParts.build)
         stack.enter_context(mock.patch.object(ConfParts, "build", wrapped))
-        wrapped = split.wrap("hkdf", render_module.pair_psk)
-        stack.enter_context(mock.patch.object(render_module, "pair_psk", wrapped))
+        wrapped = split.wrap("hkdf", render_module.psk_for)
+        stack.enter_context(mock.patch.object(render_module, "psk_for", wrapped))
         wrapped = split.wrap_vici(agent.charon._call)
         stack.enter_context(mock.patch.object(agent.charon, "_call", wrapped))
         for name, label in CHARON_QUERIES.items():

@@ -123,6 +123,42 @@ def test_agent_restart_loses_nothing(bed: Bed) -> None:
     assert after == before, "the agent restart replaced IKE_SAs"
 
 
+def published_key(bed: Bed, node: Node) -> bytes | None:
+    peer = bed.master.keyring().peer(node.name)
+    return peer.pub if peer else None
+
+
+def test_a_lost_node_key_is_replaced_and_its_pairs_follow(bed: Bed) -> None:
+    """n2's key file is lost and its agent restarts: it makes a new key, the master publishes
+    it, and every peer derives new PSKs for its pair with n2. The SAs up meanwhile stay (a
+    PSK only authenticates new exchanges); a charon SIGKILL on n2 then proves the new keys
+    authenticate: every pair is encrypted again, with no plaintext at any point."""
+    node = bed.mesh.nodes[1]
+    old_pub = published_key(bed, node)
+    seen = Observation(bed.mesh)
+    agent = bed.cluster.agents[node.name]
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    (node.dir / "node.key").unlink()
+    bed.cluster.start_agent(node)
+    wait_for(
+        "the master to publish n2's new public key",
+        lambda: published_key(bed, node) not in (None, old_pub),
+        timeout=30,
+    )
+    published = time.time()
+    wait_applied(bed.master, bed.mesh.nodes)
+    stopped = restart_charon(node, signal.SIGKILL)
+    wait_encrypted(bed.mesh.nodes)
+    result = seen.finish(
+        "node key lost (n2): new key published, then charon SIGKILL",
+        key_published_after=round(published - seen.fault_at, 2),
+        charon_killed_after=round(stopped - seen.fault_at, 2),
+    )
+    assert_no_plaintext(result)
+    assert result.recovery is not None, result
+
+
 def test_swanctl_load_all_with_an_empty_config_is_undone(bed: Bed) -> None:
     node = bed.mesh.nodes[1]
     empty = node.dir / "empty-swanctl.conf"
