@@ -26,6 +26,7 @@ import yaml
 from overlay_vici.agent.cli import settings as settings_of
 from overlay_vici.agent.render import Settings
 from overlay_vici.cli import build_parser
+from overlay_vici.core.contract import lease_name
 from overlay_vici.core.options import duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -690,3 +691,68 @@ def test_the_modules_init_container_fails_only_without_a_required_module(
         assert {"xfrm_user", "esp4", "ipip", "xt_policy"} <= set(loaded)
     else:
         assert f"Module {missing} not found" in run.stderr
+
+
+# --- the admission policy on the agents' Leases ----------------------------------------------
+
+AGENT_USER = f"system:serviceaccount:{NAMESPACE}:overlay-vici-agent"
+NODE_CLAIM = "authentication.kubernetes.io/node-name"
+
+
+def admission(request: dict[str, Any]) -> tuple[bool, list[str]]:
+    """The policy's CEL as the API server runs it, in its order: (the policy applies, the
+    messages of the validations that fail). Evaluated with cel-python, not by an API server
+    (none can be built here, issue 10): this checks the expressions' logic."""
+    celpy = pytest.importorskip("celpy", reason="pip install cel-python")
+    spec = the("ValidatingAdmissionPolicy")["spec"]
+    env = celpy.Environment()
+
+    def run(expression: str, activation: dict[str, Any]) -> Any:
+        return env.program(env.compile(expression)).evaluate(activation)
+
+    activation = {"request": celpy.json_to_cel(request)}
+    if not all(run(c["expression"], activation) for c in spec["matchConditions"]):
+        return False, []
+    variables = {v["name"]: str(run(v["expression"], activation)) for v in spec["variables"]}
+    activation["variables"] = celpy.json_to_cel(variables)
+    failed = [
+        str(run(v["messageExpression"], activation)) if "messageExpression" in v else v["message"]
+        for v in spec["validations"]
+        if not run(v["expression"], activation)
+    ]
+    return True, failed
+
+
+def lease_write(name: str, user: str = AGENT_USER, node: str | None = "node-a") -> dict[str, Any]:
+    extra = {NODE_CLAIM: [node]} if node else {}
+    return {
+        "userInfo": {"username": user, "extra": extra},
+        "name": name,
+        "namespace": NAMESPACE,
+        "operation": "UPDATE",
+    }
+
+
+def test_an_agent_may_write_its_own_nodes_lease_and_no_other() -> None:
+    assert admission(lease_write("overlay-vici-agent-node-a")) == (True, [])
+    applies, failed = admission(lease_write("overlay-vici-agent-node-b"))
+    assert applies and failed == [
+        "an agent may write only its own node's Lease, overlay-vici-agent-node-a"
+    ]
+    applies, failed = admission(lease_write("overlay-vici-agent-node-a", node=None))
+    assert applies and failed[0].startswith("the agent's token names no node")
+    # The master (leader election, its own Lease) is not this policy's business.
+    master = f"system:serviceaccount:{NAMESPACE}:overlay-vici-master"
+    assert admission(lease_write("overlay-vici-master", user=master)) == (False, [])
+
+
+def test_the_policy_is_bound_to_deny_and_covers_every_lease_write() -> None:
+    policy, binding = the("ValidatingAdmissionPolicy"), the("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"]) == (["coordination.k8s.io"], ["leases"])
+    assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    # The name the policy expects is the one report-lease writes.
+    assert lease_name("node-a") == "overlay-vici-agent-node-a"
