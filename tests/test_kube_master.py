@@ -833,3 +833,18 @@ def test_the_switchs_events_name_the_moment_and_any_agents_skipped() -> None:
         "encryption stays on.",
         None,
     )
+
+
+def test_public_keys_travel_from_the_agents_leases_into_the_keyring(harness: Harness) -> None:
+    """report-lease copies the public key into the Lease (contract.LEASED), the master reads
+    it from there and publishes it in the Secret's keyring."""
+    h = harness
+    master = h.master()
+    master.step()
+    keys = {n: kr.public_bytes(kr.new_node_key()) for n in ("n1", "n2")}
+    for name, pub in keys.items():
+        h.ack(name, public_key=base64.b64encode(pub).decode())
+    master.step()
+    published = {p.name: p.pub for p in h.keyring().peers}
+    assert {n: published[n] for n in keys} == keys
+    assert all(pub is None for name, pub in published.items() if name not in keys)
