@@ -60,8 +60,13 @@ def agent_families(
         ),
         *gauge(
             "peers_expected",
-            "peers in the keyring (other nodes): one connection each",
+            "peers with a connection loaded: the keyring's other nodes that have a key",
             status.get("peers_expected", 0),
+        ),
+        *gauge(
+            "peers_without_key",
+            "peers with no connection: their public key, or this node's, is not published yet",
+            status.get("peers_without_key", 0),
         ),
         *gauge(
             "peers_up",
