@@ -259,7 +259,7 @@ class Agent:
             log.warning(
                 "waiting for the master to publish this node's public key",
                 node=self.config.node,
-                peers=len(unkeyed),
+                count=len(unkeyed),
                 next_step="check that report-lease runs and the master reads its Lease",
             )
         else:
