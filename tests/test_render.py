@@ -303,7 +303,7 @@ def test_a_keyring_change_derives_only_the_new_pairs_keys(monkeypatch: pytest.Mo
 def test_node_keys_give_connections_only_to_peers_with_a_public_key() -> None:
     """A generation with node keys: the node's PSKs with each peer are its own X25519
     exchange's; a peer without a public key gets no connection (its IPIP stays with the
-    guard), and a node whose own key the keyring does not list yet gets none at all."""
+    guard), and a node whose own key the keyring does not list yet has no PSK at all."""
     keys = [kr.new_node_key() for _ in range(4)]
     peers = [Peer(f"node-{i}", node_ip(i), kr.public_bytes(k)) for i, k in enumerate(keys)]
     peers[3] = dataclasses.replace(peers[3], pub=None)
@@ -315,5 +315,8 @@ def test_node_keys_give_connections_only_to_peers_with_a_public_key() -> None:
         shared = messages.shared[secret_id(peer.name, gen.id)]
         assert shared["data"] == kr.bound_pair_psk(gen, key, peer, peers[0])
     assert keyed_peers(keyring, peers[0], keys[0])[1] == [peers[3]]
+    # A new own key, not yet published: no PSK with anyone, the connections (and their SAs)
+    # stay until the master publishes it.
     stale = to_messages(swanctl_conf(keyring, "node-0", Settings(), own=kr.new_node_key()))
-    assert not stale.conns and not stale.shared
+    assert sorted(stale.conns) == ["ov-node-1", "ov-node-2"] and not stale.shared
+    assert keyed_peers(keyring, peers[0], kr.new_node_key())[1] == peers[1:]

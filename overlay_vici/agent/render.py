@@ -151,17 +151,19 @@ def _derive(gen: Generation, node: Peer, peer: Peer, own: X25519PrivateKey | Non
 def keyed_peers(
     keyring: Keyring, node: Peer, own: X25519PrivateKey | None
 ) -> tuple[list[Peer], list[Peer]]:
-    """The peers this node holds a sent-generation PSK with, and those it cannot (a
-    generation with node keys, and the peer's public key or this node's is not published
-    yet): those get no connection, so their IPIP stays with the guard, dropped."""
+    """The peers this node loads a connection for, and those it has no sent-generation PSK
+    with. In a generation with node keys, a peer without a published public key gets no
+    connection (its IPIP stays with the guard, dropped). While this node's own key is not
+    the published one (a new key, not yet in the keyring) it has no PSK with anyone, but its
+    connections stay: the SAs up keep carrying traffic until the master publishes the key."""
     sent = keyring.generation(keyring.sent)
     others = [peer for peer in keyring.peers if peer.name != node.name]
     if not sent.node_keys:
         return others, []
+    connected = [peer for peer in others if peer.pub is not None]
     if own is None or node.pub != public_bytes(own):
-        return [], others
-    keyed = [peer for peer in others if peer.pub is not None]
-    return keyed, [peer for peer in others if peer.pub is None]
+        return connected, others
+    return connected, [peer for peer in others if peer.pub is None]
 
 
 @lru_cache(maxsize=8)

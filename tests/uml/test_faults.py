@@ -131,8 +131,9 @@ def published_key(bed: Bed, node: Node) -> bytes | None:
 def test_a_lost_node_key_is_replaced_and_its_pairs_follow(bed: Bed) -> None:
     """n2's key file is lost and its agent restarts: it makes a new key, the master publishes
     it, and every peer derives new PSKs for its pair with n2. The SAs up meanwhile stay (a
-    PSK only authenticates new exchanges); a charon SIGKILL on n2 then proves the new keys
-    authenticate: every pair is encrypted again, with no plaintext at any point."""
+    PSK only authenticates new exchanges), so the key change loses nothing; a charon SIGKILL
+    on n2 then proves the new keys authenticate: every pair is encrypted again, with no
+    plaintext at any point."""
     node = bed.mesh.nodes[1]
     old_pub = published_key(bed, node)
     seen = Observation(bed.mesh)
@@ -157,6 +158,8 @@ def test_a_lost_node_key_is_replaced_and_its_pairs_follow(bed: Bed) -> None:
     )
     assert_no_plaintext(result)
     assert result.recovery is not None, result
+    killed = stopped - seen.fault_at
+    assert all(at >= killed for _, at in result.lost_at), "lost before charon was killed"
 
 
 def test_swanctl_load_all_with_an_empty_config_is_undone(bed: Bed) -> None:
